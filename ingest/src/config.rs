@@ -1,0 +1,137 @@
+//! The configuration of `sluice-ingest`: every flag, with an environment variable as fallback.
+//! The README's configuration table lists the same flags.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::event::Table;
+use crate::load::LoaderConfig;
+
+/// Receives Segment events over HTTP and loads them into PostgreSQL or SQLite.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "sluice-ingest", version, about, long_about = None)]
+pub struct Config {
+    /// Destination database: postgres://user:password@host:port/db or sqlite://path/to/file.db.
+    #[arg(
+        long,
+        env = "SLUICE_DATABASE_URL",
+        default_value = "sqlite://sluice.db",
+        hide_env_values = true
+    )]
+    pub database_url: String,
+
+    /// Schema the tables live in (on SQLite, the name the database file is attached under).
+    #[arg(long, env = "SLUICE_SCHEMA", default_value = "segment")]
+    pub schema: String,
+
+    /// Address to listen on.
+    #[arg(long, env = "SLUICE_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Shared secret: requests must carry X-Signature, the hex HMAC-SHA1 of the body.
+    #[arg(long, env = "SLUICE_SHARED_SECRET", hide_env_values = true)]
+    pub shared_secret: Option<String>,
+
+    /// API key: requests may authenticate with HTTP Basic, the key as user name.
+    #[arg(long, env = "SLUICE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// Tables to load, comma-separated, from alias, group, identify, page, screen, track.
+    /// Events of other types are acknowledged and skipped.
+    #[arg(
+        long,
+        env = "SLUICE_TABLES",
+        value_delimiter = ',',
+        default_value = "group,identify,page,screen,track"
+    )]
+    pub tables: Vec<Table>,
+
+    /// A batch is committed once it holds this many rows.
+    #[arg(long, env = "SLUICE_MAX_BATCH_ROWS", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_batch_rows: u32,
+
+    /// ... or once its first event has waited this long (e.g. 10ms, 1s).
+    #[arg(long, env = "SLUICE_MAX_BATCH_DELAY", default_value = "10ms", value_parser = parse_delay)]
+    pub max_batch_delay: Duration,
+
+    /// Events that may wait for their commit at once; past this, requests get 503.
+    #[arg(long, env = "SLUICE_QUEUE_CAPACITY", default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub queue_capacity: u32,
+
+    /// Batches written concurrently, each on its own connection (SQLite always uses one).
+    #[arg(long, env = "SLUICE_WRITERS", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub writers: u32,
+
+    /// Largest request body accepted, in bytes.
+    #[arg(long, env = "SLUICE_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Log filter (tracing's EnvFilter syntax), e.g. info or sluice_ingest=debug.
+    #[arg(long, env = "SLUICE_LOG", default_value = "info")]
+    pub log: String,
+}
+
+fn parse_delay(text: &str) -> Result<Duration, String> {
+    let delay = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if delay > Duration::from_secs(60) {
+        return Err("at most 60s".to_owned());
+    }
+    Ok(delay)
+}
+
+impl Config {
+    /// The loader's tuning from this configuration.
+    pub fn loader(&self, sqlite: bool) -> LoaderConfig {
+        LoaderConfig {
+            max_batch_rows: self.max_batch_rows as usize,
+            max_batch_delay: self.max_batch_delay,
+            queue_capacity: self.queue_capacity as usize,
+            // SQLite has one writer at a time; a second would only wait on the lock.
+            writers: if sqlite { 1 } else { self.writers as usize },
+        }
+    }
+
+    /// The selected tables, deduplicated and sorted.
+    pub fn selected_tables(&self) -> Vec<Table> {
+        let mut tables = self.tables.clone();
+        tables.sort();
+        tables.dedup();
+        tables
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_run_locally_on_sqlite() {
+        let config = Config::try_parse_from(["sluice-ingest"]).expect("defaults parse");
+        assert_eq!(config.database_url, "sqlite://sluice.db");
+        assert_eq!(config.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(config.schema, "segment");
+        assert_eq!(config.selected_tables(), Table::DEFAULT.to_vec());
+        assert_eq!(config.max_batch_delay, Duration::from_millis(10));
+    }
+
+    #[test]
+    fn flags_parse() {
+        let config = Config::try_parse_from([
+            "sluice-ingest",
+            "--tables",
+            "track,alias,track",
+            "--max-batch-delay",
+            "250ms",
+            "--max-batch-rows",
+            "50",
+        ])
+        .expect("parses");
+        assert_eq!(config.selected_tables(), vec![Table::Alias, Table::Track]);
+        assert_eq!(config.max_batch_delay, Duration::from_millis(250));
+        assert_eq!(config.max_batch_rows, 50);
+        assert!(Config::try_parse_from(["sluice-ingest", "--tables", "orders"]).is_err());
+        assert!(Config::try_parse_from(["sluice-ingest", "--max-batch-rows", "0"]).is_err());
+    }
+}

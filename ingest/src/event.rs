@@ -1,0 +1,263 @@
+//! The Segment event model: which calls exist, which table each one lands in, and what makes an
+//! event complete enough to load.
+//!
+//! This is the one place that knows the tables. Everything else asks [`Table`].
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde_json::{Map, Value};
+
+/// A destination table. Each Segment call type loads into the table of the same name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Table {
+    /// `alias` calls (optional; not selected by default, as in Stitch).
+    Alias,
+    /// `group` calls.
+    Group,
+    /// `identify` calls.
+    Identify,
+    /// `page` calls.
+    Page,
+    /// `screen` calls.
+    Screen,
+    /// `track` calls.
+    Track,
+}
+
+impl Table {
+    /// Every table Sluice can load, in name order.
+    pub const ALL: [Table; 6] = [
+        Table::Alias,
+        Table::Group,
+        Table::Identify,
+        Table::Page,
+        Table::Screen,
+        Table::Track,
+    ];
+
+    /// The tables loaded when none are selected: Stitch's five.
+    pub const DEFAULT: [Table; 5] = [
+        Table::Group,
+        Table::Identify,
+        Table::Page,
+        Table::Screen,
+        Table::Track,
+    ];
+
+    /// The table's name in the destination schema (also the Segment call type).
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::Alias => "alias",
+            Table::Group => "group",
+            Table::Identify => "identify",
+            Table::Page => "page",
+            Table::Screen => "screen",
+            Table::Track => "track",
+        }
+    }
+}
+
+impl fmt::Display for Table {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The error for a table name that Sluice does not load.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown table {0:?}: expected one of alias, group, identify, page, screen, track")]
+pub struct UnknownTable(pub String);
+
+impl FromStr for Table {
+    type Err = UnknownTable;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Table::ALL
+            .into_iter()
+            .find(|t| t.name() == s.trim())
+            .ok_or_else(|| UnknownTable(s.to_owned()))
+    }
+}
+
+/// What a Segment event asks for, read from its `type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Call {
+    /// A call that loads a row into a table.
+    Load(Table),
+    /// A user deletion request (`type: delete`). Sluice does not delete rows on a webhook's
+    /// word; such requests are refused explicitly so that nothing is half-done.
+    Delete,
+}
+
+/// Why an event cannot be accepted. Each message says what to fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidEvent {
+    /// The payload is JSON but not an object.
+    #[error("an event must be a JSON object, got {0}")]
+    NotAnObject(&'static str),
+    /// No `type` field.
+    #[error("missing \"type\": expected one of track, identify, page, screen, group, alias")]
+    MissingType,
+    /// A `type` Segment does not define.
+    #[error("unknown type {0:?}: expected one of track, identify, page, screen, group, alias")]
+    UnknownType(String),
+    /// A required field is absent, empty or not a string.
+    #[error("missing \"{0}\": a {1} event needs it as a non-empty string")]
+    MissingField(&'static str, &'static str),
+    /// Neither `userId` nor `anonymousId` is present.
+    #[error("a {0} event needs \"userId\" or \"anonymousId\"")]
+    MissingIdentity(&'static str),
+}
+
+/// A validated event: the call it makes and its `messageId`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    /// The call, and so the table.
+    pub call: Call,
+    /// Segment's unique id of the message; the primary key of every table.
+    pub message_id: String,
+}
+
+/// Reads the `type` of an event object.
+pub fn call_of(event: &Map<String, Value>) -> Result<Call, InvalidEvent> {
+    let kind = match event.get("type") {
+        None | Some(Value::Null) => return Err(InvalidEvent::MissingType),
+        Some(Value::String(kind)) => kind.as_str(),
+        Some(other) => return Err(InvalidEvent::UnknownType(other.to_string())),
+    };
+    if kind == "delete" {
+        return Ok(Call::Delete);
+    }
+    kind.parse::<Table>()
+        .map(Call::Load)
+        .map_err(|_| InvalidEvent::UnknownType(kind.to_owned()))
+}
+
+/// Checks that an event is complete: a known `type`, a `messageId`, and the identity fields the
+/// Segment spec requires for that call.
+pub fn validate(event: &Value) -> Result<Envelope, InvalidEvent> {
+    let object = event
+        .as_object()
+        .ok_or_else(|| InvalidEvent::NotAnObject(json_kind(event)))?;
+    let call = call_of(object)?;
+    let name = match call {
+        Call::Load(table) => table.name(),
+        Call::Delete => "delete",
+    };
+    let message_id = required_string(object, "messageId", name)?.to_owned();
+    if let Call::Load(table) = call {
+        let has = |key| non_empty_string(object, key).is_some();
+        match table {
+            Table::Alias => {
+                required_string(object, "userId", name)?;
+                required_string(object, "previousId", name)?;
+            }
+            _ if !has("userId") && !has("anonymousId") => {
+                return Err(InvalidEvent::MissingIdentity(name));
+            }
+            Table::Track => {
+                required_string(object, "event", name)?;
+            }
+            Table::Group => {
+                required_string(object, "groupId", name)?;
+            }
+            Table::Identify | Table::Page | Table::Screen => {}
+        }
+    }
+    Ok(Envelope { call, message_id })
+}
+
+fn non_empty_string<'a>(object: &'a Map<String, Value>, key: &str) -> Option<&'a str> {
+    object
+        .get(key)
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+}
+
+fn required_string<'a>(
+    object: &'a Map<String, Value>,
+    key: &'static str,
+    call: &'static str,
+) -> Result<&'a str, InvalidEvent> {
+    non_empty_string(object, key).ok_or(InvalidEvent::MissingField(key, call))
+}
+
+/// The JSON type of a value, for error messages.
+pub fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn table_names_round_trip() {
+        for table in Table::ALL {
+            assert_eq!(table.name().parse::<Table>(), Ok(table));
+        }
+        assert!("orders".parse::<Table>().is_err());
+    }
+
+    #[test]
+    fn complete_track_is_valid() {
+        let event = json!({"type": "track", "messageId": "m1", "userId": "u", "event": "Clicked"});
+        assert_eq!(
+            validate(&event),
+            Ok(Envelope {
+                call: Call::Load(Table::Track),
+                message_id: "m1".into()
+            })
+        );
+    }
+
+    #[test]
+    fn incomplete_events_say_what_is_missing() {
+        let cases = [
+            (json!([1]), InvalidEvent::NotAnObject("an array")),
+            (json!({"messageId": "m"}), InvalidEvent::MissingType),
+            (
+                json!({"type": "purchase", "messageId": "m"}),
+                InvalidEvent::UnknownType("purchase".into()),
+            ),
+            (
+                json!({"type": "track", "userId": "u", "event": "e"}),
+                InvalidEvent::MissingField("messageId", "track"),
+            ),
+            (
+                json!({"type": "page", "messageId": "m"}),
+                InvalidEvent::MissingIdentity("page"),
+            ),
+            (
+                json!({"type": "track", "messageId": "m", "anonymousId": "a"}),
+                InvalidEvent::MissingField("event", "track"),
+            ),
+            (
+                json!({"type": "alias", "messageId": "m", "userId": "u"}),
+                InvalidEvent::MissingField("previousId", "alias"),
+            ),
+            (
+                json!({"type": "group", "messageId": "m", "userId": "u"}),
+                InvalidEvent::MissingField("groupId", "group"),
+            ),
+        ];
+        for (event, expected) in cases {
+            assert_eq!(validate(&event), Err(expected), "{event}");
+        }
+    }
+
+    #[test]
+    fn delete_is_recognised_not_loaded() {
+        let event = json!({"type": "delete", "messageId": "m", "userId": "u"});
+        assert_eq!(validate(&event).map(|e| e.call), Ok(Call::Delete));
+    }
+}

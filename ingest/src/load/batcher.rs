@@ -1,0 +1,244 @@
+//! The bounded queue and the batcher: many requests share one transaction (group commit).
+//!
+//! A batch closes when it holds `max_batch_rows` rows or its first event has waited
+//! `max_batch_delay`; then it goes to a free writer. While every writer is busy the batch keeps
+//! growing, so batches get larger exactly when the database is the bottleneck. The queue is
+//! bounded in events: when it is full, [`Loader::submit`] fails at once and the receiver answers
+//! 503, so memory stays bounded and the sender retries.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use chrono::{DateTime, Utc};
+use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::task::JoinSet;
+
+use super::plan::{Item, TableRows};
+use super::{LoadError, Rejected, Warehouse};
+use crate::event::Table;
+use crate::metrics::Metrics;
+use crate::normalize::Record;
+use crate::schema::Catalog;
+
+/// Tuning of the loader.
+#[derive(Debug, Clone)]
+pub struct LoaderConfig {
+    /// A batch is written once it has this many rows.
+    pub max_batch_rows: usize,
+    /// ... or once its first event has waited this long.
+    pub max_batch_delay: Duration,
+    /// Events that may wait for a commit at once; beyond this, requests get 503.
+    pub queue_capacity: usize,
+    /// Batches written concurrently (each on its own connection).
+    pub writers: usize,
+}
+
+/// What one committed batch did, per table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoadSummary {
+    /// Rows upserted, per table.
+    pub loaded: Vec<(Table, usize)>,
+    /// Records kept in `_sdc_rejected`, per table.
+    pub rejected: Vec<(Table, usize)>,
+}
+
+impl LoadSummary {
+    pub(super) fn of(tables: &[TableRows], rejected: &[Rejected]) -> LoadSummary {
+        let mut summary = LoadSummary::default();
+        for rows in tables {
+            let refused = rejected.iter().filter(|r| r.table == rows.table).count();
+            summary.loaded.push((rows.table, rows.rows.len() - refused));
+            if refused > 0 {
+                summary.rejected.push((rows.table, refused));
+            }
+        }
+        summary
+    }
+}
+
+/// Records submitted together, answered together.
+#[derive(Debug)]
+pub struct Job {
+    items: Vec<Item>,
+    done: oneshot::Sender<Result<(), LoadError>>,
+    _queued: OwnedSemaphorePermit,
+}
+
+/// What [`Loader::submit`] hands back: wait on it for the commit.
+pub type Submitted = oneshot::Receiver<Result<(), LoadError>>;
+
+/// The handle the receiver uses to load records. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Loader {
+    jobs: mpsc::UnboundedSender<Job>,
+    queue: Arc<Semaphore>,
+    capacity: usize,
+    sequence: Arc<AtomicI64>,
+    metrics: Arc<Metrics>,
+}
+
+impl Loader {
+    /// Starts the batcher on `warehouse`. The batcher runs until every clone of the returned
+    /// [`Loader`] is dropped, then writes what is queued and ends the returned task.
+    pub fn start(
+        warehouse: Warehouse,
+        config: LoaderConfig,
+        metrics: Arc<Metrics>,
+    ) -> (Loader, tokio::task::JoinHandle<()>) {
+        let (jobs, receiver) = mpsc::unbounded_channel();
+        let loader = Loader {
+            jobs,
+            queue: Arc::new(Semaphore::new(config.queue_capacity.max(1))),
+            capacity: config.queue_capacity.max(1),
+            sequence: Arc::new(AtomicI64::new(0)),
+            metrics: metrics.clone(),
+        };
+        let task = tokio::spawn(run(receiver, warehouse, config, metrics));
+        (loader, task)
+    }
+
+    /// Queues records (each with the exact JSON it came from) for the next batch. Fails at once
+    /// with [`LoadError::QueueFull`] when there is no room; otherwise the returned receiver
+    /// resolves after the batch holding them has committed, or failed.
+    pub fn submit(
+        &self,
+        records: Vec<(Record, Bytes)>,
+        received_at: DateTime<Utc>,
+    ) -> Result<Submitted, LoadError> {
+        // A request larger than the whole queue takes all of it, rather than never fitting.
+        let n = records.len().clamp(1, self.capacity);
+        let n = u32::try_from(n).map_err(|_| LoadError::QueueFull)?;
+        let queued = self
+            .queue
+            .clone()
+            .try_acquire_many_owned(n)
+            .map_err(|e| match e {
+                tokio::sync::TryAcquireError::Closed => LoadError::ShuttingDown,
+                tokio::sync::TryAcquireError::NoPermits => LoadError::QueueFull,
+            })?;
+        let items = records
+            .into_iter()
+            .map(|(record, raw)| Item {
+                record,
+                received_at,
+                sequence: self.next_sequence(),
+                raw,
+            })
+            .collect::<Vec<_>>();
+        let (done, answer) = oneshot::channel();
+        self.metrics.queue(items.len() as i64);
+        self.jobs
+            .send(Job {
+                items,
+                done,
+                _queued: queued,
+            })
+            .map_err(|_| LoadError::ShuttingDown)?;
+        Ok(answer)
+    }
+
+    /// The next `_sdc_sequence`: nanoseconds since the epoch, strictly increasing within the
+    /// process, so later arrivals win across processes too (up to clock skew).
+    fn next_sequence(&self) -> i64 {
+        let now = Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX);
+        let previous = self
+            .sequence
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| {
+                Some(now.max(last + 1))
+            })
+            .unwrap_or(now);
+        now.max(previous + 1)
+    }
+}
+
+async fn run(
+    mut jobs: mpsc::UnboundedReceiver<Job>,
+    warehouse: Warehouse,
+    config: LoaderConfig,
+    metrics: Arc<Metrics>,
+) {
+    let catalog = Arc::new(Mutex::new(Catalog::default()));
+    let writers = Arc::new(Semaphore::new(config.writers.max(1)));
+    let max_rows = config.max_batch_rows.max(1);
+    let mut tasks = JoinSet::new();
+    let mut open = true;
+    while open {
+        let Some(first) = jobs.recv().await else {
+            break;
+        };
+        let deadline = tokio::time::Instant::now() + config.max_batch_delay;
+        let mut rows = first.items.len();
+        let mut batch = vec![first];
+        while open && rows < max_rows {
+            tokio::select! {
+                biased;
+                job = jobs.recv() => match job {
+                    Some(job) => { rows += job.items.len(); batch.push(job); }
+                    None => open = false,
+                },
+                () = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        let permit = loop {
+            tokio::select! {
+                biased;
+                permit = writers.clone().acquire_owned() => break permit,
+                job = jobs.recv(), if open && rows < max_rows => match job {
+                    Some(job) => { rows += job.items.len(); batch.push(job); }
+                    None => open = false,
+                },
+            }
+        };
+        let Ok(permit) = permit else { break };
+        tasks.spawn(write_batch(
+            warehouse.clone(),
+            catalog.clone(),
+            batch,
+            metrics.clone(),
+            permit,
+        ));
+        while tasks.try_join_next().is_some() {}
+    }
+    while tasks.join_next().await.is_some() {}
+    tracing::info!("loader drained");
+}
+
+async fn write_batch(
+    warehouse: Warehouse,
+    catalog: Arc<Mutex<Catalog>>,
+    mut batch: Vec<Job>,
+    metrics: Arc<Metrics>,
+    _writer: OwnedSemaphorePermit,
+) {
+    let items: Vec<Item> = batch
+        .iter_mut()
+        .flat_map(|job| std::mem::take(&mut job.items))
+        .collect();
+    let count = items.len();
+    let started = Instant::now();
+    let result = warehouse.write(&catalog, items).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let answer = match result {
+        Ok(summary) => {
+            metrics.batch(count, elapsed);
+            for (table, n) in summary.loaded {
+                metrics.loaded(table, n);
+            }
+            for (table, n) in summary.rejected {
+                metrics.rejected(table, n);
+            }
+            Ok(())
+        }
+        Err(error) => {
+            tracing::error!(%error, events = count, "batch not committed; senders will retry");
+            Err(error)
+        }
+    };
+    metrics.queue(-(count as i64));
+    for job in batch {
+        // A sender that went away (client disconnected) needs no answer; its rows are loaded.
+        let _ = job.done.send(answer.clone());
+    }
+}

@@ -1,0 +1,483 @@
+//! Loading: the bounded queue, the batcher with group commit, and the database writers.
+//!
+//! ```text
+//! receiver --Job--> queue --> batcher --Batch--> writer (one transaction) --> COMMIT --> ack
+//! ```
+//!
+//! A job is acknowledged only after the transaction that holds its records has committed.
+
+mod batcher;
+pub mod plan;
+mod postgres;
+mod sqlite;
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::{AssertSqlSafe, PgPool, SqlitePool};
+use tokio::sync::Mutex;
+
+pub use batcher::{Job, LoadSummary, Loader, LoaderConfig, Submitted};
+pub use plan::Item;
+
+use crate::event::Table;
+use crate::normalize::ColumnType;
+use crate::schema::{
+    self, Catalog, Dialect, InvalidSchemaName, REJECTED_TABLE, TableColumns, add_column_sql,
+    create_rejected_sql, create_schema_sql, create_table_sql, validate_schema_name,
+};
+use plan::{Evolution, TableRows, dedup};
+
+/// Why loading failed. Each variant says what to check.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LoadError {
+    /// The database URL is not one Sluice can use.
+    #[error(
+        "unsupported database URL {0:?}: use postgres://user:password@host:port/database or sqlite://path/to/file.db"
+    )]
+    BadUrl(String),
+    /// The schema name is not acceptable.
+    #[error(transparent)]
+    Schema(#[from] InvalidSchemaName),
+    /// The database could not be reached or refused the work for a reason that may pass
+    /// (connection lost, timeout, lock contention). The sender should retry.
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
+    /// The database answered with an error that retrying will not fix without a change.
+    #[error("the database refused the batch: {0}")]
+    Database(String),
+    /// The queue has no room for the events; the sender should retry later.
+    #[error("the load queue is full")]
+    QueueFull,
+    /// The loader is shutting down and takes no new work.
+    #[error("the loader is shutting down")]
+    ShuttingDown,
+}
+
+/// How an error from the database should be handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// A value in some record was refused: load record by record and reject the bad ones.
+    Data,
+    /// The catalog Sluice holds is stale (a column changed under it): re-read and retry.
+    Stale,
+    /// Transient: connection, timeout, lock. Answer 503 so the sender retries.
+    Unavailable,
+}
+
+fn classify(error: &sqlx::Error, dialect: Dialect) -> Failure {
+    match error {
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            match dialect {
+                Dialect::Postgres => postgres::classify(&code),
+                Dialect::Sqlite => sqlite::classify(&code),
+            }
+        }
+        sqlx::Error::Encode(_) | sqlx::Error::InvalidArgument(_) => Failure::Data,
+        _ => Failure::Unavailable,
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Pool {
+    Postgres(PgPool),
+    Sqlite(SqlitePool),
+}
+
+/// A destination: a database connection pool and the schema Sluice loads into.
+///
+/// This is also the library entry point the operator uses to create a schema and its tables
+/// ([`Warehouse::ensure_schema`]) and to drop it.
+#[derive(Debug, Clone)]
+pub struct Warehouse {
+    pool: Pool,
+    schema: String,
+}
+
+/// A record the database refused, kept in `_sdc_rejected` with the reason.
+#[derive(Debug, Clone)]
+pub struct Rejected {
+    /// The table the record was meant for.
+    pub table: Table,
+    /// Its `message_id`.
+    pub message_id: String,
+    /// Why it was refused.
+    pub reason: String,
+    /// The event as received.
+    pub record: String,
+}
+
+impl Warehouse {
+    /// Opens a pool for `url` (`postgres://…` or `sqlite://…`) without connecting yet, so the
+    /// process can start while the database is down. `connections` caps the pool.
+    pub fn connect(url: &str, schema: &str, connections: u32) -> Result<Warehouse, LoadError> {
+        validate_schema_name(schema)?;
+        let pool = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Pool::Postgres(postgres::pool(url, connections)?)
+        } else if let Some(path) = sqlite::path_of(url) {
+            Pool::Sqlite(sqlite::pool(path, schema, connections)?)
+        } else {
+            return Err(LoadError::BadUrl(url.to_owned()));
+        };
+        Ok(Warehouse {
+            pool,
+            schema: schema.to_owned(),
+        })
+    }
+
+    /// The schema this warehouse loads into.
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    /// The SQL dialect of the database.
+    pub fn dialect(&self) -> Dialect {
+        match self.pool {
+            Pool::Postgres(_) => Dialect::Postgres,
+            Pool::Sqlite(_) => Dialect::Sqlite,
+        }
+    }
+
+    /// The PostgreSQL pool, when this is PostgreSQL (for tests and reports).
+    pub fn postgres_pool(&self) -> Option<&PgPool> {
+        match &self.pool {
+            Pool::Postgres(pool) => Some(pool),
+            Pool::Sqlite(_) => None,
+        }
+    }
+
+    /// The SQLite pool, when this is SQLite (for tests and reports).
+    pub fn sqlite_pool(&self) -> Option<&SqlitePool> {
+        match &self.pool {
+            Pool::Sqlite(pool) => Some(pool),
+            Pool::Postgres(_) => None,
+        }
+    }
+
+    fn failure(&self, error: &sqlx::Error) -> Failure {
+        classify(error, self.dialect())
+    }
+
+    fn error(&self, error: sqlx::Error) -> LoadError {
+        match self.failure(&error) {
+            Failure::Unavailable => LoadError::Unavailable(error.to_string()),
+            Failure::Data | Failure::Stale => LoadError::Database(error.to_string()),
+        }
+    }
+
+    /// Creates the schema, the event tables in `tables` and `_sdc_rejected` if they are
+    /// missing. Safe to run from several processes at once; changes nothing that exists.
+    pub async fn ensure_schema(&self, tables: &[Table]) -> Result<(), LoadError> {
+        let mut statements: Vec<String> = create_schema_sql(self.dialect(), &self.schema)
+            .into_iter()
+            .collect();
+        statements.extend(tables.iter().map(|t| create_table_sql(&self.schema, *t)));
+        statements.push(create_rejected_sql(&self.schema));
+        let mut tx = self.ddl_transaction().await?;
+        for sql in statements {
+            tx.execute(&sql).await.map_err(|e| self.error(e))?;
+        }
+        tx.commit().await.map_err(|e| self.error(e))
+    }
+
+    /// Drops the schema and every row in it (PostgreSQL), or empties the attached database
+    /// file (SQLite). Used by the operator's `Drop` deletion policy.
+    pub async fn drop_schema(&self) -> Result<(), LoadError> {
+        let mut tx = self.ddl_transaction().await?;
+        match self.dialect() {
+            Dialect::Postgres => tx.execute(&schema::drop_schema_sql(&self.schema)).await,
+            Dialect::Sqlite => {
+                let mut result = Ok(());
+                for table in Table::ALL.iter().map(|t| t.name()).chain([REJECTED_TABLE]) {
+                    let sql = format!(
+                        "DROP TABLE IF EXISTS {}",
+                        schema::qualified(&self.schema, table)
+                    );
+                    result = tx.execute(&sql).await;
+                    if result.is_err() {
+                        break;
+                    }
+                }
+                result
+            }
+        }
+        .map_err(|e| self.error(e))?;
+        tx.commit().await.map_err(|e| self.error(e))
+    }
+
+    /// Whether the database answers and the schema's tables exist.
+    pub async fn ready(&self, tables: &[Table]) -> Result<(), LoadError> {
+        let catalog = self.catalog().await?;
+        match tables.iter().find(|t| catalog.table(**t).is_empty()) {
+            Some(missing) => Err(LoadError::Database(format!(
+                "table {}.{} does not exist",
+                self.schema, missing
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Reads the columns of every event table in the schema.
+    pub async fn catalog(&self) -> Result<Catalog, LoadError> {
+        let columns = match &self.pool {
+            Pool::Postgres(pool) => postgres::columns(pool, &self.schema).await,
+            Pool::Sqlite(pool) => sqlite::columns(pool, &self.schema).await,
+        }
+        .map_err(|e| self.error(e))?;
+        let mut catalog = Catalog::default();
+        for (table, column, ty) in columns {
+            if let Ok(table) = table.parse::<Table>() {
+                catalog
+                    .0
+                    .entry(table)
+                    .or_insert_with(TableColumns::default)
+                    .0
+                    .insert(column, ColumnType::from_catalog(&ty));
+            }
+        }
+        Ok(catalog)
+    }
+
+    /// Rows per event table, with column counts: the operator's loading report.
+    pub async fn table_report(&self) -> Result<Vec<(Table, usize)>, LoadError> {
+        let catalog = self.catalog().await?;
+        let mut report: Vec<(Table, usize)> = catalog
+            .0
+            .iter()
+            .map(|(table, columns)| (*table, columns.len()))
+            .collect();
+        report.sort();
+        Ok(report)
+    }
+
+    /// Adds the columns an [`Evolution`] asks for, under the schema's DDL lock, skipping any
+    /// that another writer added meanwhile. Returns the catalog as it is afterwards.
+    async fn evolve(&self, evolution: &Evolution) -> Result<Catalog, LoadError> {
+        let mut tx = self.ddl_transaction().await?;
+        let current = match &mut tx {
+            Tx::Postgres(tx) => postgres::columns(&mut **tx, &self.schema).await,
+            Tx::Sqlite(tx) => sqlite::columns(&mut **tx, &self.schema).await,
+        }
+        .map_err(|e| self.error(e))?;
+        for (table, columns) in &evolution.0 {
+            for (column, ty) in columns {
+                let exists = current
+                    .iter()
+                    .any(|(t, c, _)| t == table.name() && c == column);
+                if !exists {
+                    tracing::info!(schema = %self.schema, %table, %column, %ty, "adding column");
+                    let sql = add_column_sql(&self.schema, *table, column, *ty);
+                    tx.execute(&sql).await.map_err(|e| self.error(e))?;
+                }
+            }
+        }
+        tx.commit().await.map_err(|e| self.error(e))?;
+        self.catalog().await
+    }
+
+    /// A transaction holding the schema's DDL lock: a transaction-scoped advisory lock on
+    /// PostgreSQL, an immediate (write-locked) transaction on SQLite.
+    async fn ddl_transaction(&self) -> Result<Tx, LoadError> {
+        let tx = match &self.pool {
+            Pool::Postgres(pool) => Tx::Postgres(
+                postgres::ddl_transaction(pool, &self.schema)
+                    .await
+                    .map_err(|e| self.error(e))?,
+            ),
+            Pool::Sqlite(pool) => Tx::Sqlite(
+                pool.begin_with("BEGIN IMMEDIATE")
+                    .await
+                    .map_err(|e| self.error(e))?,
+            ),
+        };
+        Ok(tx)
+    }
+
+    async fn begin(&self) -> Result<Tx, sqlx::Error> {
+        Ok(match &self.pool {
+            Pool::Postgres(pool) => Tx::Postgres(pool.begin().await?),
+            Pool::Sqlite(pool) => Tx::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?),
+        })
+    }
+
+    /// Writes a batch in one transaction and commits it: adds the columns it needs first,
+    /// then upserts every table's rows. Records the database refuses go to `_sdc_rejected`.
+    pub async fn write(
+        &self,
+        catalog: &Mutex<Catalog>,
+        items: Vec<Item>,
+    ) -> Result<LoadSummary, LoadError> {
+        let items = dedup(items);
+        let mut refreshed = false;
+        if catalog.lock().await.0.is_empty() {
+            let current = self.catalog().await?;
+            *catalog.lock().await = current;
+        }
+        loop {
+            let tables = self.plan(catalog, &items).await?;
+            let result = self.insert_all(&tables).await;
+            let error = match result {
+                Ok(()) => return Ok(LoadSummary::of(&tables, &[])),
+                Err(error) => error,
+            };
+            match self.failure(&error) {
+                Failure::Stale if !refreshed => {
+                    tracing::warn!(%error, "the table changed under the loader; re-reading its columns");
+                    *catalog.lock().await = self.catalog().await?;
+                    refreshed = true;
+                }
+                Failure::Data | Failure::Stale => {
+                    tracing::warn!(%error, "batch refused; loading its records one by one");
+                    let rejected = self.insert_each(&tables, &items).await?;
+                    return Ok(LoadSummary::of(&tables, &rejected));
+                }
+                Failure::Unavailable => return Err(LoadError::Unavailable(error.to_string())),
+            }
+        }
+    }
+
+    /// Plans the batch against the catalog, evolving the schema until every column exists.
+    async fn plan(
+        &self,
+        catalog: &Mutex<Catalog>,
+        items: &[Item],
+    ) -> Result<Vec<TableRows>, LoadError> {
+        let batched_at = Utc::now();
+        // Each round adds columns; a concurrent writer can cause at most a few more rounds.
+        for _ in 0..8 {
+            let evolution = {
+                let current = catalog.lock().await;
+                match plan::plan(&current, items, batched_at) {
+                    Ok(tables) => return Ok(tables),
+                    Err(evolution) => evolution,
+                }
+            };
+            let fresh = self.evolve(&evolution).await?;
+            *catalog.lock().await = fresh;
+        }
+        Err(LoadError::Database(
+            "the schema kept changing while columns were being added; will retry".to_owned(),
+        ))
+    }
+
+    async fn insert_all(&self, tables: &[TableRows]) -> Result<(), sqlx::Error> {
+        let mut tx = self.begin().await?;
+        for rows in tables {
+            tx.insert(&self.schema, rows).await?;
+        }
+        tx.commit().await
+    }
+
+    /// Loads record by record, each in a savepoint; the ones refused go to `_sdc_rejected`.
+    async fn insert_each(
+        &self,
+        tables: &[TableRows],
+        items: &[Item],
+    ) -> Result<Vec<Rejected>, LoadError> {
+        let mut tx = self.begin().await.map_err(|e| self.error(e))?;
+        let mut rejected = Vec::new();
+        for rows in tables {
+            for (row, &item) in rows.rows.iter().zip(&rows.items) {
+                let single = TableRows {
+                    rows: vec![row.clone()],
+                    items: vec![item],
+                    ..rows.clone()
+                };
+                tx.execute("SAVEPOINT sluice_record")
+                    .await
+                    .map_err(|e| self.error(e))?;
+                match tx.insert(&self.schema, &single).await {
+                    Ok(()) => tx.execute("RELEASE SAVEPOINT sluice_record").await,
+                    Err(error) if self.failure(&error) != Failure::Unavailable => {
+                        let item = &items[item];
+                        rejected.push(Rejected {
+                            table: rows.table,
+                            message_id: item.record.message_id.clone(),
+                            reason: error.to_string(),
+                            record: String::from_utf8_lossy(&item.raw).into_owned(),
+                        });
+                        tx.execute("ROLLBACK TO SAVEPOINT sluice_record").await
+                    }
+                    Err(error) => Err(error),
+                }
+                .map_err(|e| self.error(e))?;
+            }
+        }
+        let now = Utc::now();
+        for record in &rejected {
+            tracing::warn!(table = %record.table, message_id = %record.message_id, reason = %record.reason, "record rejected");
+            tx.insert_rejected(&self.schema, record, now)
+                .await
+                .map_err(|e| self.error(e))?;
+        }
+        tx.commit().await.map_err(|e| self.error(e))?;
+        Ok(rejected)
+    }
+}
+
+/// An open transaction on either database.
+enum Tx {
+    Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
+    Sqlite(sqlx::Transaction<'static, sqlx::Sqlite>),
+}
+
+impl Tx {
+    async fn execute(&mut self, sql: &str) -> Result<(), sqlx::Error> {
+        match self {
+            Tx::Postgres(tx) => sqlx::query(AssertSqlSafe(sql.to_owned()))
+                .execute(&mut **tx)
+                .await
+                .map(drop),
+            Tx::Sqlite(tx) => sqlx::query(AssertSqlSafe(sql.to_owned()))
+                .execute(&mut **tx)
+                .await
+                .map(drop),
+        }
+    }
+
+    async fn insert(&mut self, schema: &str, rows: &TableRows) -> Result<(), sqlx::Error> {
+        match self {
+            Tx::Postgres(tx) => postgres::insert(tx, schema, rows).await,
+            Tx::Sqlite(tx) => sqlite::insert(tx, schema, rows).await,
+        }
+    }
+
+    async fn insert_rejected(
+        &mut self,
+        schema: &str,
+        record: &Rejected,
+        at: DateTime<Utc>,
+    ) -> Result<(), sqlx::Error> {
+        match self {
+            Tx::Postgres(tx) => postgres::insert_rejected(tx, schema, record, at).await,
+            Tx::Sqlite(tx) => sqlite::insert_rejected(tx, schema, record, at).await,
+        }
+    }
+
+    async fn commit(self) -> Result<(), sqlx::Error> {
+        match self {
+            Tx::Postgres(tx) => tx.commit().await,
+            Tx::Sqlite(tx) => tx.commit().await,
+        }
+    }
+}
+
+/// The upsert's `ON CONFLICT` clause, shared by both databases: the newest version of an event
+/// (highest `_sdc_sequence`) wins, whichever transaction commits last.
+fn on_conflict_sql(rows: &TableRows) -> String {
+    use crate::schema::quote_ident;
+    let sets = rows
+        .update_columns
+        .iter()
+        .map(|c| format!("{0} = excluded.{0}", quote_ident(c)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        " ON CONFLICT (\"message_id\") DO UPDATE SET {sets} \
+         WHERE t.\"_sdc_sequence\" IS NULL OR t.\"_sdc_sequence\" <= excluded.\"_sdc_sequence\""
+    )
+}
+
+/// The default time a sender is asked to wait before retrying (`Retry-After`).
+pub const RETRY_AFTER: Duration = Duration::from_secs(5);

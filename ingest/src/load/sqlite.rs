@@ -1,0 +1,172 @@
+//! The SQLite writer, Sluice's embedded default.
+//!
+//! The schema is a database file attached under the schema's name to every connection, so the
+//! SQL (`"segment"."track"`) and the table and column names are the same as on PostgreSQL.
+//! Each connection's main database is a private in-memory one that holds nothing.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
+use sqlx::{AssertSqlSafe, Executor, Sqlite, SqlitePool, Transaction};
+
+use super::plan::TableRows;
+use super::{Failure, LoadError, Rejected, on_conflict_sql};
+use crate::normalize::{SqlValue, format_timestamp};
+use crate::schema::{REJECTED_TABLE, qualified, quote_ident};
+
+/// SQLite's default cap on bound parameters per statement (`SQLITE_MAX_VARIABLE_NUMBER`).
+const MAX_PARAMETERS: usize = 32_766;
+
+/// The file path in a `sqlite://path` or `sqlite:path` URL.
+pub(super) fn path_of(url: &str) -> Option<&str> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next().unwrap_or(rest);
+    (!path.is_empty() && path != ":memory:").then_some(path)
+}
+
+/// A pool whose connections attach the schema file and make it durable: write-ahead log,
+/// `synchronous = FULL` (a commit survives power loss, as an acknowledgement promises).
+pub(super) fn pool(path: &str, schema: &str, connections: u32) -> Result<SqlitePool, LoadError> {
+    let path = path.to_owned();
+    let schema = quote_ident(schema);
+    let options = SqliteConnectOptions::new()
+        .filename(":memory:")
+        .create_if_missing(true)
+        .busy_timeout(Duration::from_secs(10));
+    Ok(SqlitePoolOptions::new()
+        .max_connections(connections.max(1))
+        .acquire_timeout(Duration::from_secs(10))
+        .after_connect(move |conn, _| {
+            let path = path.clone();
+            let schema = schema.clone();
+            Box::pin(async move {
+                sqlx::query(AssertSqlSafe(format!("ATTACH DATABASE ?1 AS {schema}")))
+                    .bind(path)
+                    .execute(&mut *conn)
+                    .await?;
+                conn.execute(AssertSqlSafe(format!(
+                    "PRAGMA {schema}.journal_mode = WAL; PRAGMA {schema}.synchronous = FULL"
+                )))
+                .await?;
+                Ok(())
+            })
+        })
+        .connect_lazy_with(options))
+}
+
+/// Maps an SQLite result code to how the loader reacts.
+pub(super) fn classify(code: &str) -> Failure {
+    let primary = code.parse::<i32>().unwrap_or(0) & 0xff;
+    match primary {
+        // SQLITE_ERROR: "no such column", "no such table" and the like.
+        1 => Failure::Stale,
+        // TOOBIG, CONSTRAINT, MISMATCH, RANGE.
+        18 | 19 | 20 | 25 => Failure::Data,
+        // BUSY, LOCKED, IOERR, FULL and the rest: may pass.
+        _ => Failure::Unavailable,
+    }
+}
+
+/// `(table, column, declared type)` for every column of every table in the attached schema.
+pub(super) async fn columns<'e>(
+    executor: impl sqlx::Executor<'e, Database = Sqlite>,
+    schema: &str,
+) -> Result<Vec<(String, String, String)>, sqlx::Error> {
+    let sql = format!(
+        "SELECT m.name, p.name, p.type FROM {}.sqlite_master AS m, pragma_table_info(m.name, ?1) AS p \
+         WHERE m.type = 'table'",
+        quote_ident(schema)
+    );
+    sqlx::query_as(AssertSqlSafe(sql))
+        .bind(schema)
+        .fetch_all(executor)
+        .await
+}
+
+/// Upserts one table's rows, in statements of as many rows as SQLite's parameter cap allows.
+pub(super) async fn insert(
+    tx: &mut Transaction<'static, Sqlite>,
+    schema: &str,
+    rows: &TableRows,
+) -> Result<(), sqlx::Error> {
+    let width = rows.columns.len();
+    let names = rows
+        .columns
+        .iter()
+        .map(|(name, _)| quote_ident(name))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let tuple = format!("({})", vec!["?"; width].join(", "));
+    let per_statement = (MAX_PARAMETERS / width.max(1)).max(1);
+    for chunk in rows.rows.chunks(per_statement) {
+        let sql = format!(
+            "INSERT INTO {} AS t ({names}) VALUES {}{}",
+            qualified(schema, rows.table.name()),
+            vec![tuple.as_str(); chunk.len()].join(", "),
+            on_conflict_sql(rows)
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for value in chunk.iter().flatten() {
+            query = match value {
+                None => query.bind(None::<&str>),
+                Some(SqlValue::Text(s) | SqlValue::Json(s)) => query.bind(s.as_str()),
+                Some(SqlValue::BigInt(n)) => query.bind(*n),
+                Some(SqlValue::Double(n)) => query.bind(*n),
+                Some(SqlValue::Boolean(b)) => query.bind(*b),
+                Some(SqlValue::Timestamp(t)) => query.bind(format_timestamp(t)),
+            };
+        }
+        query.execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+/// Inserts one row into `_sdc_rejected`.
+pub(super) async fn insert_rejected(
+    tx: &mut Transaction<'static, Sqlite>,
+    schema: &str,
+    record: &Rejected,
+    at: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    let sql = format!(
+        "INSERT INTO {} (\"_sdc_rejected_at\", \"table_name\", \"message_id\", \"reason\", \"record\") \
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+        qualified(schema, REJECTED_TABLE)
+    );
+    sqlx::query(AssertSqlSafe(sql))
+        .bind(format_timestamp(&at))
+        .bind(record.table.name())
+        .bind(record.message_id.as_str())
+        .bind(record.reason.as_str())
+        .bind(record.record.as_str())
+        .execute(&mut **tx)
+        .await
+        .map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_name_a_file() {
+        assert_eq!(path_of("sqlite://sluice.db"), Some("sluice.db"));
+        assert_eq!(
+            path_of("sqlite:///var/lib/s.db?mode=rwc"),
+            Some("/var/lib/s.db")
+        );
+        assert_eq!(path_of("sqlite:data/s.db"), Some("data/s.db"));
+        assert_eq!(path_of("sqlite::memory:"), None);
+        assert_eq!(path_of("postgres://x"), None);
+    }
+
+    #[test]
+    fn result_codes_map_to_reactions() {
+        assert_eq!(classify("5"), Failure::Unavailable);
+        assert_eq!(classify("2067"), Failure::Data);
+        assert_eq!(classify("1"), Failure::Stale);
+    }
+}

@@ -1,0 +1,283 @@
+//! The HTTP face of the ingest service: routes, authentication and answers.
+//!
+//! | route | what |
+//! |---|---|
+//! | `POST`/`PUT`/`PATCH /v1/webhook` | one Segment event (object) or a batch (array, up to 4000) |
+//! | `GET /healthz` | the process is alive |
+//! | `GET /readyz` | the database answers and the schema's tables exist |
+//! | `GET /metrics` | Prometheus text |
+//!
+//! Answers: 200 only after the events are committed; 400 with `{"error": ...}` for bad input;
+//! 401 for wrong credentials; 413 for a body over the limit; 501 for a user deletion request;
+//! 503 with `Retry-After` when the database is unavailable or the queue is full.
+
+mod auth;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, on};
+use chrono::Utc;
+use serde_json::{Value, json};
+
+pub use auth::{Auth, Unauthorized, sign};
+
+use crate::event::{Call, InvalidEvent, Table, json_kind, validate};
+use crate::load::{LoadError, Loader, RETRY_AFTER, Warehouse};
+use crate::metrics::Metrics;
+use crate::normalize::{Record, normalize};
+
+/// The most events one webhook request may carry (Segment's Webhooks (Actions) batch size).
+pub const MAX_BATCH_EVENTS: usize = 4000;
+
+/// What the handlers share.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// Queues records for the batcher.
+    pub loader: Loader,
+    /// The destination, for readiness checks.
+    pub warehouse: Warehouse,
+    /// Webhook credentials.
+    pub auth: Auth,
+    /// The tables selected for loading; events of other types are acknowledged and skipped.
+    pub tables: Vec<Table>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// The largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+}
+
+/// The router of the ingest service.
+pub fn router(state: AppState) -> Router {
+    let state = Arc::new(state);
+    Router::new()
+        .route(
+            "/v1/webhook",
+            on(
+                axum::routing::MethodFilter::POST
+                    .or(axum::routing::MethodFilter::PUT)
+                    .or(axum::routing::MethodFilter::PATCH),
+                webhook,
+            ),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async {
+            error(
+                StatusCode::NOT_FOUND,
+                "no such route; events go to POST /v1/webhook",
+            )
+        })
+        .layer(middleware::from_fn_with_state(state.clone(), count_status))
+        .with_state(state)
+}
+
+async fn count_status(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let response = next.run(request).await;
+    state.metrics.request(response.status().as_u16());
+    response
+}
+
+/// An error answer: the status and `{"error": message}`.
+fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
+    (status, axum::Json(json!({ "error": message.to_string() }))).into_response()
+}
+
+/// A 503 asking the sender to retry: Segment retries for hours, so nothing is lost.
+fn unavailable(message: impl std::fmt::Display) -> Response {
+    let mut response = error(StatusCode::SERVICE_UNAVAILABLE, message);
+    response.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from(RETRY_AFTER.as_secs()),
+    );
+    response
+}
+
+/// A request the service refuses, as an answer.
+#[derive(Debug)]
+enum Refusal {
+    TooLarge(usize),
+    Malformed(String),
+    Invalid {
+        index: Option<usize>,
+        problem: InvalidEvent,
+    },
+    TooMany(usize),
+    Delete,
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        match self {
+            Refusal::TooLarge(limit) => error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body is larger than {limit} bytes"),
+            ),
+            Refusal::Malformed(reason) => {
+                error(StatusCode::BAD_REQUEST, format!("malformed JSON: {reason}"))
+            }
+            Refusal::Invalid { index, problem } => {
+                let mut body = json!({ "error": problem.to_string() });
+                if let Some(index) = index {
+                    body["index"] = json!(index);
+                    body["error"] = json!(format!("event {index}: {problem}"));
+                }
+                (StatusCode::BAD_REQUEST, axum::Json(body)).into_response()
+            }
+            Refusal::TooMany(n) => error(
+                StatusCode::BAD_REQUEST,
+                format!("a batch holds at most {MAX_BATCH_EVENTS} events, this one has {n}"),
+            ),
+            Refusal::Delete => error(
+                StatusCode::NOT_IMPLEMENTED,
+                "user deletion requests (type \"delete\") are not supported by Sluice; \
+                 delete the user's rows with SQL",
+            ),
+        }
+    }
+}
+
+/// Reads a body up to the limit.
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, Refusal> {
+    axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| Refusal::TooLarge(limit))
+}
+
+/// Splits a body into its events: one object, or the elements of an array, each with the exact
+/// bytes it came from.
+fn parse_events(body: &Bytes) -> Result<Vec<(Value, Bytes)>, Refusal> {
+    let malformed = |e: serde_json::Error| Refusal::Malformed(e.to_string());
+    if body.trim_ascii_start().starts_with(b"[") {
+        let elements: Vec<&serde_json::value::RawValue> =
+            serde_json::from_slice(body).map_err(malformed)?;
+        if elements.len() > MAX_BATCH_EVENTS {
+            return Err(Refusal::TooMany(elements.len()));
+        }
+        elements
+            .into_iter()
+            .map(|raw| {
+                let value = serde_json::from_str(raw.get()).map_err(malformed)?;
+                Ok((value, body.slice_ref(raw.get().as_bytes())))
+            })
+            .collect()
+    } else {
+        let value: Value = serde_json::from_slice(body).map_err(malformed)?;
+        if !value.is_object() {
+            return Err(Refusal::Invalid {
+                index: None,
+                problem: InvalidEvent::NotAnObject(json_kind(&value)),
+            });
+        }
+        Ok(vec![(value, body.clone())])
+    }
+}
+
+/// Records ready to submit, each with the bytes it came from, and the tables of skipped events.
+type Prepared = (Vec<(Record, Bytes)>, Vec<Table>);
+
+/// Validates and normalizes events; returns the records of selected tables and how many valid
+/// events were skipped because their table is not selected. One bad event refuses the request.
+fn prepare(
+    events: Vec<(Value, Bytes)>,
+    tables: &[Table],
+    batch: bool,
+) -> Result<Prepared, Refusal> {
+    let mut records = Vec::with_capacity(events.len());
+    let mut skipped = Vec::new();
+    for (index, (value, raw)) in events.into_iter().enumerate() {
+        let envelope = validate(&value).map_err(|problem| Refusal::Invalid {
+            index: batch.then_some(index),
+            problem,
+        })?;
+        let table = match envelope.call {
+            Call::Delete => return Err(Refusal::Delete),
+            Call::Load(table) => table,
+        };
+        if !tables.contains(&table) {
+            skipped.push(table);
+            continue;
+        }
+        if let Value::Object(object) = &value {
+            records.push((normalize(table, &envelope, object), raw));
+        }
+    }
+    Ok((records, skipped))
+}
+
+async fn webhook(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+    let received_at = Utc::now();
+    let body = match read_body(body, state.max_body_bytes).await {
+        Ok(body) => body,
+        Err(refusal) => return refusal.into_response(),
+    };
+    if let Err(unauthorized) = state.auth.check(&headers, &body) {
+        return error(StatusCode::UNAUTHORIZED, unauthorized);
+    }
+    let batch = body.trim_ascii_start().starts_with(b"[");
+    let prepared = parse_events(&body).and_then(|events| prepare(events, &state.tables, batch));
+    let (records, skipped) = match prepared {
+        Ok(prepared) => prepared,
+        Err(refusal) => return refusal.into_response(),
+    };
+    load(&state, records, skipped, received_at).await
+}
+
+/// Submits records and answers once they are committed.
+async fn load(
+    state: &AppState,
+    records: Vec<(Record, Bytes)>,
+    skipped: Vec<Table>,
+    received_at: chrono::DateTime<Utc>,
+) -> Response {
+    let loaded = records.len();
+    let outcome = if records.is_empty() {
+        Ok(())
+    } else {
+        match state.loader.submit(records, received_at) {
+            Ok(answer) => answer.await.unwrap_or(Err(LoadError::ShuttingDown)),
+            Err(e) => Err(e),
+        }
+    };
+    match outcome {
+        Ok(()) => {
+            for table in &skipped {
+                state.metrics.skipped(*table, 1);
+            }
+            let body = json!({ "ok": true, "loaded": loaded, "skipped": skipped.len() });
+            (StatusCode::OK, axum::Json(body)).into_response()
+        }
+        Err(e) => unavailable(e),
+    }
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    let check = tokio::time::timeout(Duration::from_secs(3), state.warehouse.ready(&state.tables));
+    match check.await {
+        Ok(Ok(())) => (StatusCode::OK, "ready\n").into_response(),
+        Ok(Err(e)) => unavailable(e),
+        Err(_) => unavailable("the database did not answer within 3 s"),
+    }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}

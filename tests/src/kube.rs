@@ -1,0 +1,206 @@
+//! The Kubernetes API server harness (issue 3): clients for the etcd + kube-apiserver pair that
+//! `tests/scripts/kube-apiserver.sh start DIR` runs, and the few steps every test against it takes.
+//!
+//! Starting and stopping the server is the script's job alone: `tests/run.sh` starts it once for
+//! the whole run and exports the variables below (from `DIR/env`). This module only reads them, so
+//! a test run without them fails with a message that says how to get a server, instead of starting
+//! one per test binary that nothing would stop.
+//!
+//! One server is shared by every test binary and every test in it, in parallel. A test isolates
+//! itself in a namespace of its own ([`TestNamespace::create`]); cluster-scoped objects (CRDs,
+//! ClusterRoles) must carry names that no other test uses, or be identical wherever they are
+//! applied. Namespaces are not deleted afterwards: without a controller manager a deleted namespace
+//! stays `Terminating` for ever, and the whole server is thrown away after the run.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig, KubeconfigError};
+use kube::runtime::wait::{await_condition, conditions};
+use kube::{Api, Client, Config};
+
+/// Path of the kubeconfig of the admin identity (client certificate in group `system:masters`).
+pub const ADMIN_KUBECONFIG_ENV: &str = "SLUICE_TEST_KUBECONFIG";
+/// Path of the kubeconfig of the restricted identity, which RBAC grants nothing until a test binds
+/// a role to it.
+pub const RESTRICTED_KUBECONFIG_ENV: &str = "SLUICE_TEST_KUBECONFIG_RESTRICTED";
+/// User name of the restricted identity, the subject a test's RoleBinding names.
+pub const RESTRICTED_USER_ENV: &str = "SLUICE_TEST_KUBE_RESTRICTED_USER";
+
+/// Field manager of the objects that the harness itself applies.
+pub const FIELD_MANAGER: &str = "sluice-tests";
+
+/// How long [`apply_crd`] waits for a CRD to be `Established`; a fresh CRD on an idle local server
+/// takes well under a second.
+pub const CRD_ESTABLISHED_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What can go wrong while reaching the test API server.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The test command did not start a server for this run.
+    #[error(
+        "{var} is not set, so there is no Kubernetes API server to test against. Run the tests with \
+         `bash tests/run.sh`, or start a server by hand: `bash tests/scripts/kube-apiserver.sh start \
+         /tmp/sluice-kube && source /tmp/sluice-kube/env` (and `... stop /tmp/sluice-kube` afterwards)"
+    )]
+    NotConfigured {
+        /// The variable that is missing.
+        var: &'static str,
+    },
+    /// The kubeconfig that the variable names cannot be read or used.
+    #[error(
+        "cannot use kubeconfig {path} (from {var}); is the server of this run still running? \
+         (restart it with tests/scripts/kube-apiserver.sh start): {source}"
+    )]
+    Kubeconfig {
+        /// The variable that named the file.
+        var: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why it cannot be used.
+        #[source]
+        source: KubeconfigError,
+    },
+    /// A client cannot be built from a valid kubeconfig (TLS set-up failed).
+    #[error("cannot build a Kubernetes client from {path}: {source}")]
+    Client {
+        /// The kubeconfig.
+        path: PathBuf,
+        /// The client's error.
+        #[source]
+        source: kube::Error,
+    },
+    /// The API server answered a request of the harness with an error.
+    #[error("Kubernetes API request failed: {0}")]
+    Api(#[from] kube::Error),
+    /// A CRD did not become `Established` in time.
+    #[error(
+        "CustomResourceDefinition {name} was not Established within {:?}; see the API server log \
+         in the directory given to kube-apiserver.sh start",
+        CRD_ESTABLISHED_TIMEOUT
+    )]
+    CrdNotEstablished {
+        /// The CRD's name.
+        name: String,
+    },
+    /// Waiting for a CRD failed before its timeout.
+    #[error("waiting for CustomResourceDefinition {name} failed: {source}")]
+    Wait {
+        /// The CRD's name.
+        name: String,
+        /// Why the wait failed.
+        #[source]
+        source: kube::runtime::wait::Error,
+    },
+}
+
+fn env_var(var: &'static str) -> Result<String, Error> {
+    std::env::var(var)
+        .ok()
+        .filter(|value| !value.is_empty())
+        .ok_or(Error::NotConfigured { var })
+}
+
+async fn client_from_env(var: &'static str) -> Result<Client, Error> {
+    let path = PathBuf::from(env_var(var)?);
+    let kubeconfig = Kubeconfig::read_from(&path).map_err(|source| Error::Kubeconfig {
+        var,
+        path: path.clone(),
+        source,
+    })?;
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .map_err(|source| Error::Kubeconfig {
+            var,
+            path: path.clone(),
+            source,
+        })?;
+    Client::try_from(config).map_err(|source| Error::Client { path, source })
+}
+
+/// A client with every right (group `system:masters`), for setting up what a test needs and for
+/// checking what the code under test did.
+pub async fn admin_client() -> Result<Client, Error> {
+    client_from_env(ADMIN_KUBECONFIG_ENV).await
+}
+
+/// A client of the restricted identity ([`restricted_user`]): RBAC forbids it everything until a
+/// test binds a role to it, so a test can prove that exactly those rights are enough.
+pub async fn restricted_client() -> Result<Client, Error> {
+    client_from_env(RESTRICTED_KUBECONFIG_ENV).await
+}
+
+/// The user name of the restricted identity, as a RoleBinding's subject (`kind: User`) names it.
+pub fn restricted_user() -> Result<String, Error> {
+    env_var(RESTRICTED_USER_ENV)
+}
+
+/// A namespace that belongs to one test, so tests can run in parallel on the shared server.
+#[derive(Debug, Clone)]
+pub struct TestNamespace {
+    name: String,
+}
+
+impl TestNamespace {
+    /// Creates a namespace named `sluice-test-{prefix}-` plus a suffix that the server makes
+    /// unique (`generateName`); `prefix` is usually the test's name in kebab case, kept short
+    /// (a namespace name has at most 63 characters).
+    pub async fn create(client: &Client, prefix: &str) -> Result<Self, Error> {
+        let namespace = Namespace {
+            metadata: ObjectMeta {
+                generate_name: Some(format!("sluice-test-{prefix}-")),
+                labels: Some([("sluice.dev/test".to_owned(), "true".to_owned())].into()),
+                ..ObjectMeta::default()
+            },
+            ..Namespace::default()
+        };
+        let created = Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &namespace)
+            .await?;
+        let name = created
+            .metadata
+            .name
+            .expect("the API server names a namespace created with generateName");
+        Ok(Self { name })
+    }
+
+    /// The namespace's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// Applies `crd` by server-side apply (idempotent, so tests that share a CRD may all apply it) and
+/// returns once the server reports it `Established`, that is, once its custom objects can be
+/// created.
+pub async fn apply_crd(
+    client: &Client,
+    crd: &CustomResourceDefinition,
+) -> Result<CustomResourceDefinition, Error> {
+    let api = Api::<CustomResourceDefinition>::all(client.clone());
+    let name = crd
+        .metadata
+        .name
+        .clone()
+        .expect("a CustomResourceDefinition has a name");
+    api.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(crd),
+    )
+    .await?;
+    let established = tokio::time::timeout(
+        CRD_ESTABLISHED_TIMEOUT,
+        await_condition(api, &name, conditions::is_crd_established()),
+    )
+    .await
+    .map_err(|_elapsed| Error::CrdNotEstablished { name: name.clone() })?
+    .map_err(|source| Error::Wait {
+        name: name.clone(),
+        source,
+    })?;
+    established.ok_or(Error::CrdNotEstablished { name })
+}

@@ -1,0 +1,52 @@
+//! The throwaway PostgreSQL server that `tests/run.sh` starts (`tests/scripts/postgres.sh`).
+//!
+//! Each test takes a database of its own ([`fresh_database`]), so tests run in parallel
+//! without seeing each other's rows.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use sqlx::{Connection, Executor, PgConnection};
+
+/// The environment variable holding the server's admin URL.
+pub const URL_VAR: &str = "SLUICE_TEST_POSTGRES_URL";
+
+/// The admin URL of the test server. Panics with instructions when the tests were started
+/// without `tests/run.sh` (or `tests/scripts/postgres.sh start DIR` and its `env` file).
+pub fn admin_url() -> String {
+    std::env::var(URL_VAR).unwrap_or_else(|_| {
+        panic!(
+            "{URL_VAR} is not set: run the tests with `bash tests/run.sh`, or start a server with \
+             `tests/scripts/postgres.sh start DIR` and `source DIR/env`"
+        )
+    })
+}
+
+/// Creates an empty database named after `label` and returns its URL.
+pub async fn fresh_database(label: &str) -> String {
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    let name = format!(
+        "t_{}_{}_{}",
+        label
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            })
+            .take(40)
+            .collect::<String>(),
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    );
+    let admin = admin_url();
+    let mut conn = PgConnection::connect(&admin)
+        .await
+        .expect("connect to the test PostgreSQL server");
+    conn.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+        .await
+        .expect("create a test database");
+    let base = admin
+        .rsplit_once('/')
+        .map_or(admin.as_str(), |(base, _)| base);
+    format!("{base}/{name}")
+}

@@ -1,0 +1,760 @@
+//! The ingest service end to end, on a real PostgreSQL server and on SQLite files: every scenario
+//! runs on both (see the `on_both_backends!` list at the bottom).
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use base64::Engine;
+use serde_json::{Value, json};
+use sluice_ingest::event::Table;
+use sluice_ingest::normalize::{ColumnType, column_name, format_timestamp, parse_timestamp};
+use sluice_ingest::protocol::sign;
+use sluice_tests::ingest::{Backend, Destination, Process, Server, config};
+
+const SCHEMA: &str = "segment";
+
+fn fixtures() -> Vec<Value> {
+    let text = include_str!("../fixtures/segment-spec-examples.jsonl");
+    text.lines()
+        .map(|line| serde_json::from_str::<Value>(line).expect("fixture line")["payload"].clone())
+        .collect()
+}
+
+async fn post(url: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
+    post_with(url, body, &[]).await
+}
+
+async fn post_with(
+    url: &str,
+    body: impl Into<reqwest::Body>,
+    headers: &[(&str, String)],
+) -> (u16, Value) {
+    let mut request = reqwest::Client::new().post(url).body(body);
+    for (name, value) in headers {
+        request = request.header(*name, value);
+    }
+    let response = request.send().await.expect("request sent");
+    let status = response.status().as_u16();
+    let text = response.text().await.expect("body");
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+fn track(message_id: &str, properties: Value) -> Value {
+    json!({
+        "type": "track", "messageId": message_id, "userId": "u1", "event": "Order Completed",
+        "timestamp": "2024-05-01T10:00:00.000Z", "properties": properties
+    })
+}
+
+/// Counts rows of every event table and `_sdc_rejected`, and the columns of each table.
+async fn snapshot(dest: &Destination) -> (Vec<usize>, Vec<usize>, usize) {
+    let mut rows = Vec::new();
+    let mut columns = Vec::new();
+    for table in Table::ALL {
+        rows.push(dest.rows(SCHEMA, table).await.len());
+        columns.push(dest.columns(SCHEMA, table).await.len());
+    }
+    (rows, columns, dest.rejected(SCHEMA).await.len())
+}
+
+/// The expected column name and value of a fixture's top-level and nested scalar leaves,
+/// derived from the payload alone.
+fn expected_leaves(payload: &Value) -> Vec<(String, Value)> {
+    fn walk(path: &mut Vec<String>, value: &Value, out: &mut Vec<(String, Value)>) {
+        match value {
+            Value::Object(map) if !map.is_empty() => {
+                for (k, v) in map {
+                    path.push(k.clone());
+                    walk(path, v, out);
+                    path.pop();
+                }
+            }
+            Value::Null => {}
+            leaf => {
+                let refs: Vec<&str> = path.iter().map(String::as_str).collect();
+                out.push((column_name(&refs), leaf.clone()));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&mut Vec::new(), payload, &mut out);
+    out.retain(|(column, _)| column != "message_id");
+    out
+}
+
+fn same_value(column: &str, expected: &Value, stored: &Value) -> bool {
+    match (expected, stored) {
+        (Value::String(e), Value::String(s))
+            if column.ends_with("timestamp") || column.ends_with("_at") =>
+        {
+            parse_timestamp(e).map(|t| format_timestamp(&t)).as_deref() == Some(s.as_str())
+                || e == s
+        }
+        (Value::Number(e), Value::Number(s)) => e.as_f64() == s.as_f64(),
+        (Value::Array(_), stored) => stored == expected,
+        (Value::Object(_), stored) => stored == expected,
+        _ => expected == stored,
+    }
+}
+
+async fn fixtures_land_in_their_tables(backend: Backend) {
+    let dest = Destination::new(backend, "fixtures").await;
+    let server = Server::start(config(
+        &dest.url,
+        &["--tables", "alias,group,identify,page,screen,track"],
+    ))
+    .await;
+    // The latest version of each (type, messageId): later fixtures redeliver earlier ids.
+    let mut expected: HashMap<(String, String), Value> = HashMap::new();
+    let (mut accepted, mut refused) = (0, 0);
+    for payload in fixtures() {
+        let (status, body) = post(&server.url("/v1/webhook"), payload.to_string()).await;
+        let kind = payload["type"].as_str().unwrap_or_default().to_owned();
+        match payload["messageId"].as_str() {
+            Some(id) if !kind.is_empty() => {
+                assert_eq!(status, 200, "{payload} -> {body}");
+                accepted += 1;
+                expected.insert((kind, id.to_owned()), payload.clone());
+            }
+            _ => {
+                refused += 1;
+                assert_eq!(status, 400, "{payload} -> {body}");
+                let error = body["error"].as_str().expect("error message");
+                assert!(
+                    error.contains("messageId") || error.contains("type"),
+                    "error names the missing field: {error}"
+                );
+            }
+        }
+    }
+    assert!(accepted >= 9, "the spec's complete examples are accepted");
+    assert!(refused >= 10, "the spec's partial examples are refused");
+    for ((kind, id), payload) in &expected {
+        let table: Table = kind.parse().expect("known table");
+        let row = dest
+            .row(SCHEMA, table, id)
+            .await
+            .unwrap_or_else(|| panic!("{kind} {id} has a row"));
+        for (column, value) in expected_leaves(payload) {
+            let stored = row
+                .get(&column)
+                .unwrap_or_else(|| panic!("{kind} {id}: column {column} missing in {row:?}"));
+            assert!(
+                same_value(&column, &value, stored),
+                "{kind} {id}: {column} = {stored}, expected {value}"
+            );
+        }
+        for system in [
+            "_sdc_received_at",
+            "_sdc_batched_at",
+            "_sdc_sequence",
+            "_sdc_table_version",
+        ] {
+            assert!(row.contains_key(system), "{system} set");
+        }
+    }
+    // Two track fixtures share a messageId: one row, holding the later one.
+    let tracks = dest.rows(SCHEMA, Table::Track).await;
+    let ids: HashSet<_> = tracks.iter().map(|r| r["message_id"].clone()).collect();
+    assert_eq!(ids.len(), tracks.len());
+    let shared = dest
+        .row(SCHEMA, Table::Track, "ajs-f8ca1e4de5024d9430b3928bd8ac6b96")
+        .await
+        .expect("row");
+    assert_eq!(shared["event"], "Button Clicked");
+    server.stop().await;
+}
+
+async fn unselected_types_are_acknowledged_and_skipped(backend: Backend) {
+    let dest = Destination::new(backend, "skipped").await;
+    let server = Server::start(config(&dest.url, &[])).await;
+    let alias = json!({"type": "alias", "messageId": "a1", "userId": "u", "previousId": "p"});
+    let (status, body) = post(&server.url("/v1/webhook"), alias.to_string()).await;
+    assert_eq!((status, body["skipped"].clone()), (200, json!(1)));
+    assert!(
+        dest.columns(SCHEMA, Table::Alias).await.is_empty(),
+        "no alias table"
+    );
+    let metrics = reqwest::get(server.url("/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("sluice_events_skipped_total{table=\"alias\"} 1"),
+        "{metrics}"
+    );
+    server.stop().await;
+}
+
+async fn redelivered_event_is_one_row(backend: Backend) {
+    let dest = Destination::new(backend, "redelivery").await;
+    let server = Server::start(config(&dest.url, &[])).await;
+    let first = track("m-1", json!({"plan": "basic", "coupon": "SPRING"}));
+    for _ in 0..3 {
+        let (status, _) = post(&server.url("/v1/webhook"), first.to_string()).await;
+        assert_eq!(status, 200);
+    }
+    let rows = dest.rows(SCHEMA, Table::Track).await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["properties__plan"], "basic");
+    // A changed redelivery replaces the row: new values, and no stale leftovers.
+    let changed = track("m-1", json!({"plan": "pro"}));
+    let (status, _) = post(&server.url("/v1/webhook"), changed.to_string()).await;
+    assert_eq!(status, 200);
+    let rows = dest.rows(SCHEMA, Table::Track).await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["properties__plan"], "pro");
+    assert!(!rows[0].contains_key("properties__coupon"), "{:?}", rows[0]);
+    // Duplicates inside one batch are one row too, the last version.
+    let batch = json!([track("m-2", json!({"n": 1})), track("m-2", json!({"n": 2}))]);
+    let (status, _) = post(&server.url("/v1/webhook"), batch.to_string()).await;
+    assert_eq!(status, 200);
+    let row = dest.row(SCHEMA, Table::Track, "m-2").await.expect("row");
+    assert_eq!(row["properties__n"], 2);
+    assert_eq!(dest.rows(SCHEMA, Table::Track).await.len(), 2);
+    server.stop().await;
+}
+
+async fn type_conflict_goes_to_split_column(backend: Backend) {
+    let dest = Destination::new(backend, "split").await;
+    let server = Server::start(config(&dest.url, &[])).await;
+    for (id, seats) in [
+        ("a", json!(3)),
+        ("b", json!("three")),
+        ("c", json!(true)),
+        ("d", json!(2.5)),
+    ] {
+        let (status, _) = post(
+            &server.url("/v1/webhook"),
+            track(id, json!({"seats": seats})).to_string(),
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    let columns = dest.columns(SCHEMA, Table::Track).await;
+    assert_eq!(columns["properties__seats"], Some(ColumnType::BigInt));
+    assert_eq!(columns["properties__seats__st"], Some(ColumnType::Text));
+    assert_eq!(columns["properties__seats__bo"], Some(ColumnType::Boolean));
+    assert_eq!(columns["properties__seats__do"], Some(ColumnType::Double));
+    let value = |id: &'static str, column: &'static str| {
+        let dest = &dest;
+        async move {
+            dest.row(SCHEMA, Table::Track, id)
+                .await
+                .expect("row")
+                .get(column)
+                .cloned()
+        }
+    };
+    assert_eq!(value("a", "properties__seats").await, Some(json!(3)));
+    assert_eq!(
+        value("b", "properties__seats__st").await,
+        Some(json!("three"))
+    );
+    assert_eq!(value("b", "properties__seats").await, None);
+    assert_eq!(value("c", "properties__seats__bo").await, Some(json!(true)));
+    assert_eq!(value("d", "properties__seats__do").await, Some(json!(2.5)));
+    // A timestamp that does not parse keeps its text in the split column.
+    let odd = json!({"type": "page", "messageId": "p", "userId": "u", "timestamp": "yesterday"});
+    assert_eq!(
+        post(&server.url("/v1/webhook"), odd.to_string()).await.0,
+        200
+    );
+    let row = dest.row(SCHEMA, Table::Page, "p").await.expect("row");
+    assert_eq!(row["timestamp__st"], "yesterday");
+    server.stop().await;
+}
+
+async fn sql_shaped_keys_become_safe_distinct_columns(backend: Backend) {
+    let dest = Destination::new(backend, "hostile").await;
+    let server = Server::start(config(&dest.url, &[])).await;
+    let long = "k".repeat(300);
+    let longer = format!("{long}x");
+    let keys = [
+        "x\"; DROP TABLE \"track\"; --",
+        "Robert'); DROP TABLE students;--",
+        "a'b",
+        "a;b",
+        "--",
+        "a--b",
+        "group",
+        "select",
+        long.as_str(),
+        longer.as_str(),
+        "prénom",
+        "名前",
+        "emoji 🎉",
+        "",
+    ];
+    let mut properties = serde_json::Map::new();
+    for (i, key) in keys.iter().enumerate() {
+        properties.insert((*key).to_owned(), json!(format!("value-{i}")));
+    }
+    let before = dest.columns(SCHEMA, Table::Track).await.len();
+    let (status, body) = post(
+        &server.url("/v1/webhook"),
+        track("hostile", Value::Object(properties)).to_string(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let row = dest
+        .row(SCHEMA, Table::Track, "hostile")
+        .await
+        .expect("row");
+    let columns = dest.columns(SCHEMA, Table::Track).await;
+    for (i, key) in keys.iter().enumerate() {
+        let holders: Vec<_> = row
+            .iter()
+            .filter(|(_, v)| **v == json!(format!("value-{i}")))
+            .collect();
+        assert_eq!(
+            holders.len(),
+            1,
+            "value of key {key:?} stored exactly once: {holders:?}"
+        );
+        assert!(holders[0].0.len() <= 63);
+    }
+    assert!(
+        columns.len() >= before + keys.len(),
+        "each key has its own column"
+    );
+    for table in Table::DEFAULT {
+        assert!(
+            !dest.columns(SCHEMA, table).await.is_empty(),
+            "{table} survives"
+        );
+    }
+    server.stop().await;
+}
+
+async fn credentials_are_checked(backend: Backend) {
+    let dest = Destination::new(backend, "auth").await;
+    let server = Server::start(config(
+        &dest.url,
+        &["--shared-secret", "s3cret", "--api-key", "key-1"],
+    ))
+    .await;
+    let url = server.url("/v1/webhook");
+    let body = track("signed", json!({})).to_string();
+    let basic = |key: &str| {
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{key}:"))
+        )
+    };
+    let refusals = [
+        vec![],
+        vec![("x-signature", sign(b"wrong", body.as_bytes()))],
+        vec![("x-signature", "not hex".to_owned())],
+        vec![("authorization", basic("key-2"))],
+    ];
+    for headers in &refusals {
+        let (status, answer) = post_with(&url, body.clone(), headers).await;
+        assert_eq!(status, 401, "{headers:?}");
+        assert!(
+            answer["error"]
+                .as_str()
+                .expect("message")
+                .contains("credentials")
+        );
+    }
+    assert!(
+        dest.rows(SCHEMA, Table::Track).await.is_empty(),
+        "nothing stored"
+    );
+    let signed = [("x-signature", sign(b"s3cret", body.as_bytes()))];
+    assert_eq!(post_with(&url, body.clone(), &signed).await.0, 200);
+    let keyed = track("keyed", json!({})).to_string();
+    assert_eq!(
+        post_with(&url, keyed, &[("authorization", basic("key-1"))])
+            .await
+            .0,
+        200
+    );
+    assert_eq!(dest.rows(SCHEMA, Table::Track).await.len(), 2);
+    server.stop().await;
+}
+
+async fn bad_input_is_refused_and_changes_nothing(backend: Backend) {
+    let dest = Destination::new(backend, "badinput").await;
+    let server = Server::start(config(&dest.url, &["--max-body-bytes", "65536"])).await;
+    let url = server.url("/v1/webhook");
+    assert_eq!(
+        post(&url, track("seed", json!({"a": 1})).to_string())
+            .await
+            .0,
+        200
+    );
+    let before = snapshot(&dest).await;
+    let deep = format!("{}1{}", "{\"a\":".repeat(10_000), "}".repeat(10_000));
+    let deep_event = format!(
+        r#"{{"type":"track","messageId":"deep","userId":"u","event":"e","properties":{deep}}}"#
+    );
+    let oversize = track("big", json!({"blob": "x".repeat(70_000)})).to_string();
+    let cases: Vec<(String, u16, &str)> = vec![
+        ("{\"type\": \"track\", ".to_owned(), 400, "malformed JSON"),
+        ("not json at all".to_owned(), 400, "malformed JSON"),
+        (
+            json!({"messageId": "m", "userId": "u"}).to_string(),
+            400,
+            "missing \"type\"",
+        ),
+        (
+            json!({"type": "purchase", "messageId": "m"}).to_string(),
+            400,
+            "unknown type",
+        ),
+        (
+            json!({"type": "track", "userId": "u", "event": "e"}).to_string(),
+            400,
+            "messageId",
+        ),
+        (json!("a string").to_string(), 400, "JSON object"),
+        (
+            json!([track("ok-1", json!({})), {"type": "track"}]).to_string(),
+            400,
+            "event 1",
+        ),
+        (deep_event, 400, "recursion limit"),
+        (oversize, 413, "larger than"),
+        (
+            json!({"type": "delete", "messageId": "d", "userId": "u"}).to_string(),
+            501,
+            "not supported",
+        ),
+    ];
+    for (body, status, message) in cases {
+        let (got, answer) = post(&url, body.clone()).await;
+        assert_eq!(got, status, "{} -> {answer}", &body[..body.len().min(80)]);
+        let error = answer["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("JSON error body: {answer}"));
+        assert!(
+            error.contains(message),
+            "{error:?} should mention {message:?}"
+        );
+    }
+    assert_eq!(snapshot(&dest).await, before, "the database is unchanged");
+    assert_eq!(
+        post(&url, track("after", json!({"a": 2})).to_string())
+            .await
+            .0,
+        200,
+        "still serving"
+    );
+    assert!(
+        dest.row(SCHEMA, Table::Track, "ok-1").await.is_none(),
+        "a refused batch stores nothing"
+    );
+    server.stop().await;
+}
+
+async fn two_processes_evolving_one_schema_lose_nothing(backend: Backend) {
+    let dest = Destination::new(backend, "twoprocs").await;
+    let args = [
+        "--database-url",
+        dest.url.as_str(),
+        "--max-batch-delay",
+        "1ms",
+    ];
+    let (a, b) = tokio::join!(Process::spawn(&args, &[]), Process::spawn(&args, &[]));
+    let client = reqwest::Client::new();
+    let mut sends = Vec::new();
+    for i in 0..120 {
+        let target = if i % 2 == 0 {
+            a.url("/v1/webhook")
+        } else {
+            b.url("/v1/webhook")
+        };
+        // Every event brings new columns; pairs of processes race on the same new names with
+        // different types, which must end in split columns, not errors.
+        let value = if i % 2 == 0 {
+            json!(i)
+        } else {
+            json!(format!("s{i}"))
+        };
+        let body = track(
+            &format!("e{i}"),
+            json!({ format!("k{}", i / 2): value.clone(), format!("own{i}"): true, "shared": value }),
+        );
+        let client = client.clone();
+        sends.push(tokio::spawn(async move {
+            let r = client
+                .post(target)
+                .body(body.to_string())
+                .send()
+                .await
+                .expect("sent");
+            (r.status().as_u16(), r.text().await.unwrap_or_default())
+        }));
+    }
+    for send in sends {
+        let (status, body) = send.await.expect("task");
+        assert_eq!(status, 200, "{body}");
+    }
+    let rows = dest.rows(SCHEMA, Table::Track).await;
+    assert_eq!(rows.len(), 120);
+    for i in 0..120 {
+        let row = rows
+            .iter()
+            .find(|r| r["message_id"] == json!(format!("e{i}")))
+            .unwrap_or_else(|| panic!("e{i} landed"));
+        assert_eq!(
+            row.get(&format!("properties__own{i}")),
+            Some(&json!(true)),
+            "e{i}"
+        );
+        let expected = if i % 2 == 0 {
+            json!(i)
+        } else {
+            json!(format!("s{i}"))
+        };
+        let held = row
+            .iter()
+            .filter(|(k, v)| k.starts_with(&format!("properties__k{}", i / 2)) && **v == expected)
+            .count();
+        assert_eq!(held, 1, "e{i} keeps its k value: {row:?}");
+        let shared = row
+            .iter()
+            .filter(|(k, v)| k.starts_with("properties__shared") && **v == expected)
+            .count();
+        assert_eq!(shared, 1, "e{i} keeps its shared value");
+    }
+    drop((a, b));
+}
+
+async fn sigterm_commits_and_answers_what_was_received(backend: Backend) {
+    let dest = Destination::new(backend, "sigterm").await;
+    let process = Process::spawn(
+        &[
+            "--database-url",
+            dest.url.as_str(),
+            "--max-batch-delay",
+            "3s",
+            "--max-batch-rows",
+            "100000",
+        ],
+        &[],
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let mut sends = Vec::new();
+    for i in 0..20 {
+        let client = client.clone();
+        let url = process.url("/v1/webhook");
+        sends.push(tokio::spawn(async move {
+            let body = track(&format!("t{i}"), json!({"i": i})).to_string();
+            client
+                .post(url)
+                .body(body)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        }));
+    }
+    // The requests are waiting for the batch's 3 s delay when the signal arrives.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    process.terminate();
+    for send in sends {
+        assert_eq!(send.await.expect("task").expect("answered"), 200);
+    }
+    assert!(process.wait().await, "exits with status 0");
+    assert_eq!(dest.rows(SCHEMA, Table::Track).await.len(), 20);
+}
+
+async fn full_queue_answers_503_with_retry_after(backend: Backend) {
+    let dest = Destination::new(backend, "queuefull").await;
+    let server = Server::start(config(
+        &dest.url,
+        &["--queue-capacity", "1", "--max-batch-delay", "2s"],
+    ))
+    .await;
+    let url = server.url("/v1/webhook");
+    let first = tokio::spawn({
+        let url = url.clone();
+        async move { post(&url, track("q1", json!({})).to_string()).await.0 }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let response = reqwest::Client::new()
+        .post(&url)
+        .body(track("q2", json!({})).to_string())
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status().as_u16(), 503);
+    assert!(response.headers().contains_key("retry-after"));
+    assert_eq!(first.await.expect("task"), 200);
+    assert_eq!(
+        post(&url, track("q2", json!({})).to_string()).await.0,
+        200,
+        "the retry succeeds"
+    );
+    server.stop().await;
+}
+
+async fn unloadable_records_go_to_sdc_rejected(backend: Backend) {
+    let dest = Destination::new(backend, "rejected").await;
+    let server = Server::start(config(&dest.url, &[])).await;
+    let batch = format!(
+        "[{}, {}]",
+        track("fine", json!({"a": 1})),
+        r#"{"type":"track","messageId":"nul","userId":"u","event":"e","properties":{"note":"a\u0000b"}}"#
+    );
+    let (status, body) = post(&server.url("/v1/webhook"), batch).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(dest.row(SCHEMA, Table::Track, "fine").await.is_some());
+    match backend {
+        // PostgreSQL text cannot hold U+0000: the record is kept aside with the reason.
+        Backend::Postgres => {
+            let rejected = dest.rejected(SCHEMA).await;
+            assert_eq!(rejected.len(), 1);
+            assert_eq!(rejected[0]["message_id"], "nul");
+            assert_eq!(rejected[0]["table_name"], "track");
+            assert!(
+                rejected[0]["record"]
+                    .as_str()
+                    .expect("record")
+                    .contains("a\\u0000b")
+            );
+            assert!(!rejected[0]["reason"].as_str().expect("reason").is_empty());
+            assert!(dest.row(SCHEMA, Table::Track, "nul").await.is_none());
+        }
+        // SQLite stores it as it is.
+        Backend::Sqlite => {
+            let row = dest.row(SCHEMA, Table::Track, "nul").await.expect("row");
+            assert_eq!(row["properties__note"], "a\u{0}b");
+        }
+    }
+    server.stop().await;
+}
+
+async fn wide_tables_overflow_into_json(backend: Backend) {
+    let dest = Destination::new(backend, "overflow").await;
+    let server = Server::start(config(&dest.url, &[])).await;
+    // 17 events of 100 new keys each: the table reaches its column limit part way through,
+    // as a long-lived table with ever-new property names would.
+    let events: Vec<Value> = (0..17)
+        .map(|e| {
+            let properties: serde_json::Map<String, Value> = (0..100)
+                .map(|k| (format!("p{e}_{k}"), json!(e * 100 + k)))
+                .collect();
+            track(&format!("wide{e}"), Value::Object(properties))
+        })
+        .collect();
+    let (status, body) = post(&server.url("/v1/webhook"), Value::Array(events).to_string()).await;
+    assert_eq!(status, 200, "{body}");
+    let columns = dest.columns(SCHEMA, Table::Track).await;
+    assert!(
+        columns.len() <= sluice_ingest::schema::COLUMN_LIMIT,
+        "{}",
+        columns.len()
+    );
+    let mut overflowed = 0;
+    for e in 0..17 {
+        let row = dest
+            .row(SCHEMA, Table::Track, &format!("wide{e}"))
+            .await
+            .expect("row");
+        let overflow = row
+            .get("_sdc_overflow")
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default();
+        overflowed += overflow.len();
+        for k in 0..100 {
+            let column = format!("properties__p{e}_{k}");
+            let value = row.get(&column).or_else(|| overflow.get(&column));
+            assert_eq!(value, Some(&json!(e * 100 + k)), "{column} kept");
+        }
+    }
+    assert!(overflowed > 0, "some keys went to the overflow column");
+    assert!(dest.rejected(SCHEMA).await.is_empty());
+    server.stop().await;
+}
+
+async fn health_readiness_and_metrics_answer(backend: Backend) {
+    let dest = Destination::new(backend, "probes").await;
+    let server = Server::start(config(&dest.url, &[])).await;
+    assert_eq!(
+        reqwest::get(server.url("/healthz"))
+            .await
+            .expect("healthz")
+            .status(),
+        200
+    );
+    assert_eq!(
+        reqwest::get(server.url("/readyz"))
+            .await
+            .expect("readyz")
+            .status(),
+        200
+    );
+    assert_eq!(
+        post(
+            &server.url("/v1/webhook"),
+            track("m", json!({})).to_string()
+        )
+        .await
+        .0,
+        200
+    );
+    let metrics = reqwest::get(server.url("/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    for needle in [
+        "sluice_events_loaded_total{table=\"track\"} 1",
+        "sluice_http_requests_total{status=\"200\"}",
+        "sluice_batch_rows_count 1",
+        "sluice_commit_seconds_count 1",
+        "sluice_queue_depth 0",
+    ] {
+        assert!(metrics.contains(needle), "{needle} in {metrics}");
+    }
+    assert_eq!(
+        reqwest::get(server.url("/nope"))
+            .await
+            .expect("404")
+            .status(),
+        404
+    );
+    server.stop().await;
+}
+
+macro_rules! on_both_backends {
+    ($($scenario:ident),* $(,)?) => {
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $scenario() { super::$scenario(sluice_tests::ingest::Backend::Postgres).await }
+            )*
+        }
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $scenario() { super::$scenario(sluice_tests::ingest::Backend::Sqlite).await }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    fixtures_land_in_their_tables,
+    unselected_types_are_acknowledged_and_skipped,
+    redelivered_event_is_one_row,
+    type_conflict_goes_to_split_column,
+    sql_shaped_keys_become_safe_distinct_columns,
+    credentials_are_checked,
+    bad_input_is_refused_and_changes_nothing,
+    two_processes_evolving_one_schema_lose_nothing,
+    sigterm_commits_and_answers_what_was_received,
+    full_queue_answers_503_with_retry_after,
+    unloadable_records_go_to_sdc_rejected,
+    wide_tables_overflow_into_json,
+    health_readiness_and_metrics_answer,
+);
