@@ -14,12 +14,11 @@ root=$(pwd)
 
 run_dir=$(mktemp -d "${TMPDIR:-/tmp}/sluice-test.XXXXXX")
 chmod 755 "$run_dir"
-kube_script="$root/tests/scripts/kube-apiserver.sh"
 
 cleanup() {
   status=$?
-  if [ -x "$kube_script" ]; then "$kube_script" stop "$run_dir/kube" || true; fi
-  "$root/tests/scripts/postgres.sh" stop "$run_dir/postgres" || true
+  bash "$root/tests/scripts/kube-apiserver.sh" stop "$run_dir/kube" || true
+  bash "$root/tests/scripts/postgres.sh" stop "$run_dir/postgres" || true
   rm -rf "$run_dir"
   exit "$status"
 }
@@ -32,17 +31,15 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "PostgreSQL"
-tests/scripts/postgres.sh start "$run_dir/postgres"
+bash tests/scripts/postgres.sh start "$run_dir/postgres"
 # shellcheck source=/dev/null
 source "$run_dir/postgres/env"
 
-if [ -x "$kube_script" ]; then
-  step "Kubernetes API server"
-  "$kube_script" build
-  "$kube_script" start "$run_dir/kube"
-  # shellcheck source=/dev/null
-  source "$run_dir/kube/env"
-fi
+step "Kubernetes API server"
+bash tests/scripts/kube-apiserver.sh build
+bash tests/scripts/kube-apiserver.sh start "$run_dir/kube"
+# shellcheck source=/dev/null
+source "$run_dir/kube/env"
 
 step "tests"
 # The process-level tests run the real binary.

@@ -52,8 +52,9 @@ pub struct Config {
     #[arg(long, env = "SLUICE_MAX_BATCH_ROWS", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub max_batch_rows: u32,
 
-    /// ... or once its first event has waited this long (e.g. 10ms, 1s).
-    #[arg(long, env = "SLUICE_MAX_BATCH_DELAY", default_value = "10ms", value_parser = parse_delay)]
+    /// How long a batch waits for more events before it is written (e.g. 0ms, 20ms, 1s). With
+    /// 0, a batch is written as soon as a writer is free; it still grows while all are busy.
+    #[arg(long, env = "SLUICE_MAX_BATCH_DELAY", default_value = "0ms", value_parser = parse_delay)]
     pub max_batch_delay: Duration,
 
     /// Events that may wait for their commit at once; past this, requests get 503.
@@ -113,7 +114,7 @@ mod tests {
         assert_eq!(config.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(config.schema, "segment");
         assert_eq!(config.selected_tables(), Table::DEFAULT.to_vec());
-        assert_eq!(config.max_batch_delay, Duration::from_millis(10));
+        assert_eq!(config.max_batch_delay, Duration::ZERO);
     }
 
     #[test]

@@ -186,26 +186,33 @@ pub const SYSTEM_COLUMNS: [&str; 6] = [
     "message_id",
 ];
 
-/// Flattens a validated event object into a [`Record`] for `table`.
-pub fn normalize(table: Table, envelope: &Envelope, event: &Map<String, Value>) -> Record {
+/// Flattens a validated event object into a [`Record`] for `table`, taking its strings.
+pub fn normalize(table: Table, envelope: &Envelope, event: Map<String, Value>) -> Record {
     let mut flattener = Flattener {
-        taken: SYSTEM_COLUMNS.iter().map(|s| (*s).to_owned()).collect(),
-        fields: vec![Field {
-            column: "message_id".to_owned(),
-            value: SqlValue::Text(envelope.message_id.clone()),
-        }],
+        taken: SYSTEM_COLUMNS.iter().map(|s| name_hash(s)).collect(),
+        fields: Vec::with_capacity(event.len() * 2),
+        name: String::with_capacity(64),
     };
+    flattener.fields.push(Field {
+        column: "message_id".to_owned(),
+        value: SqlValue::Text(envelope.message_id.clone()),
+    });
+    let mut path = Vec::with_capacity(8);
     for (key, value) in event {
         if key == "messageId" {
             continue;
         }
         let leaf = match value {
-            Value::String(s) if TIMESTAMP_KEYS.contains(&key.as_str()) => {
-                parse_timestamp(s).map_or(Leaf::Plain(value), Leaf::Timestamp)
-            }
-            _ => Leaf::Plain(value),
+            Value::String(s) if TIMESTAMP_KEYS.contains(&key.as_str()) => match parse_timestamp(&s)
+            {
+                Some(t) => Leaf::Timestamp(t),
+                None => Leaf::Plain(Value::String(s)),
+            },
+            value => Leaf::Plain(value),
         };
-        flattener.visit(&[key.as_str()], leaf);
+        path.push(key);
+        flattener.visit(&mut path, leaf);
+        path.pop();
     }
     Record {
         table,
@@ -214,38 +221,40 @@ pub fn normalize(table: Table, envelope: &Envelope, event: &Map<String, Value>) 
     }
 }
 
-enum Leaf<'a> {
-    Plain(&'a Value),
+enum Leaf {
+    Plain(Value),
     Timestamp(DateTime<Utc>),
 }
 
 struct Flattener {
-    taken: HashSet<String>,
+    /// Hashes of the names this event has taken: a name is claimed once (see [`Self::claim`]).
+    taken: HashSet<u64>,
     fields: Vec<Field>,
+    /// Reused buffer for building names.
+    name: String,
 }
 
 impl Flattener {
-    fn visit(&mut self, path: &[&str], leaf: Leaf<'_>) {
+    fn visit(&mut self, path: &mut Vec<String>, leaf: Leaf) {
         let value = match leaf {
             Leaf::Timestamp(t) => SqlValue::Timestamp(t),
             Leaf::Plain(value) => match value {
                 Value::Null => return,
-                Value::Bool(b) => SqlValue::Boolean(*b),
+                Value::Bool(b) => SqlValue::Boolean(b),
                 Value::Number(n) => match (n.as_i64(), n.as_f64()) {
                     (Some(i), _) => SqlValue::BigInt(i),
                     (None, _) if n.is_u64() => SqlValue::Text(n.to_string()),
                     (None, Some(f)) => SqlValue::Double(f),
                     (None, None) => SqlValue::Text(n.to_string()),
                 },
-                Value::String(s) => SqlValue::Text(s.clone()),
+                Value::String(s) => SqlValue::Text(s),
                 Value::Array(_) => SqlValue::Json(value.to_string()),
                 Value::Object(map) if map.is_empty() => SqlValue::Json("{}".to_owned()),
                 Value::Object(map) => {
-                    let mut child = path.to_vec();
                     for (key, value) in map {
-                        child.push(key.as_str());
-                        self.visit(&child, Leaf::Plain(value));
-                        child.pop();
+                        path.push(key);
+                        self.visit(path, Leaf::Plain(value));
+                        path.pop();
                     }
                     return;
                 }
@@ -256,28 +265,45 @@ impl Flattener {
     }
 
     /// Picks the column name for `path`, distinct from every name already taken by this event.
-    fn claim(&mut self, path: &[&str]) -> String {
-        let plain = column_name(path);
-        let column = if self.taken.contains(&plain) {
+    fn claim(&mut self, path: &[String]) -> String {
+        self.name.clear();
+        push_column_name(&mut self.name, path.iter().map(String::as_str));
+        let mut column = fit_identifier(&self.name);
+        if !self.taken.insert(name_hash(&column)) {
             // The raw path (joined with a byte no key can contain unescaped) disambiguates.
-            fit_identifier(&format!("{plain}_{}", short_hash(&path.join("\u{1f}"))))
-        } else {
-            plain
-        };
-        self.taken.insert(column.clone());
+            let raw = path.join("\u{1f}");
+            column = fit_identifier(&format!("{column}_{}", short_hash(&raw)));
+            self.taken.insert(name_hash(&column));
+        }
         column
     }
+}
+
+/// A 64-bit hash of a column name, to tell taken names apart without keeping copies.
+fn name_hash(name: &str) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault};
+    BuildHasherDefault::<rustc_hash::FxHasher>::default().hash_one(name)
 }
 
 /// The column name for a path of JSON keys: each key in snake_case, joined with `__`, at most
 /// [`MAX_IDENTIFIER_BYTES`] long.
 pub fn column_name(path: &[&str]) -> String {
-    let joined = path
-        .iter()
-        .map(|key| snake_case(key))
-        .collect::<Vec<_>>()
-        .join("__");
-    fit_identifier(if joined.is_empty() { "_" } else { &joined })
+    let mut name = String::new();
+    push_column_name(&mut name, path.iter().copied());
+    fit_identifier(&name)
+}
+
+/// Appends the (not yet length-limited) column name of `path` to `out`.
+fn push_column_name<'a>(out: &mut String, path: impl Iterator<Item = &'a str>) {
+    for (i, key) in path.enumerate() {
+        if i > 0 {
+            out.push_str("__");
+        }
+        push_snake_case(out, key);
+    }
+    if out.is_empty() {
+        out.push('_');
+    }
 }
 
 /// The split column that holds values of `value_type` for the column `column`.
@@ -288,8 +314,22 @@ pub fn split_column_name(column: &str, value_type: ColumnType) -> String {
 /// Converts one key: camelCase -> snake_case, ASCII letters lowered, every character other
 /// than an ASCII letter, digit or `_` replaced by `_`.
 pub fn snake_case(key: &str) -> String {
-    let chars: Vec<char> = key.chars().collect();
     let mut out = String::with_capacity(key.len() + 4);
+    push_snake_case(&mut out, key);
+    out
+}
+
+/// [`snake_case`] appended to `out`.
+fn push_snake_case(out: &mut String, key: &str) {
+    // The common case, already lower snake case, is copied as it is.
+    if key
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
+        out.push_str(key);
+        return;
+    }
+    let chars: Vec<char> = key.chars().collect();
     for (i, &c) in chars.iter().enumerate() {
         if c.is_ascii_uppercase() {
             let prev = i.checked_sub(1).map(|j| chars[j]);
@@ -309,7 +349,6 @@ pub fn snake_case(key: &str) -> String {
             out.push('_');
         }
     }
-    out
 }
 
 /// Keeps a name within [`MAX_IDENTIFIER_BYTES`]: a longer one keeps its first bytes and ends in
@@ -362,7 +401,7 @@ mod tests {
         let Call::Load(table) = envelope.call else {
             panic!("not a load")
         };
-        normalize(table, &envelope, event.as_object().expect("object"))
+        normalize(table, &envelope, event.as_object().expect("object").clone())
     }
 
     fn field<'a>(record: &'a Record, column: &str) -> Option<&'a SqlValue> {

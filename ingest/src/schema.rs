@@ -6,6 +6,8 @@
 use std::collections::HashMap;
 use std::fmt;
 
+use rustc_hash::FxHashMap;
+
 use crate::event::Table;
 use crate::normalize::ColumnType;
 
@@ -197,7 +199,7 @@ pub fn drop_schema_sql(schema: &str) -> String {
 /// The columns of one table as the database reports them. A type Sluice never creates (a
 /// column someone altered by hand) is `None`: no value is written to it, values go to a split.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TableColumns(pub HashMap<String, Option<ColumnType>>);
+pub struct TableColumns(pub FxHashMap<String, Option<ColumnType>>);
 
 impl TableColumns {
     /// The type of `column`, if it exists: `Some(None)` for a type Sluice does not write.

@@ -67,7 +67,12 @@ impl Destination {
     /// The columns of `table` and their types (empty when the table does not exist).
     pub async fn columns(&self, schema: &str, table: Table) -> HashMap<String, Option<ColumnType>> {
         let catalog = self.warehouse(schema).catalog().await.expect("catalog");
-        catalog.table(table).0.clone()
+        catalog
+            .table(table)
+            .0
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
     }
 
     /// Every row of an event table, by `message_id`.
@@ -302,6 +307,11 @@ impl Process {
     /// The URL of `path` on this process.
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running")
     }
 
     /// Sends SIGTERM, as Kubernetes does to stop a pod.

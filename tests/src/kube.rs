@@ -38,7 +38,10 @@ pub const FIELD_MANAGER: &str = "sluice-tests";
 pub const CRD_ESTABLISHED_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What can go wrong while reaching the test API server.
-#[derive(Debug, thiserror::Error)]
+///
+/// `Debug` prints the same sentence as `Display`: tests `expect()` these errors, and the panic
+/// message should say what to do, not show the enum.
+#[derive(thiserror::Error)]
 pub enum Error {
     /// The test command did not start a server for this run.
     #[error(
@@ -95,6 +98,12 @@ pub enum Error {
         #[source]
         source: kube::runtime::wait::Error,
     },
+}
+
+impl std::fmt::Debug for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
 }
 
 fn env_var(var: &'static str) -> Result<String, Error> {

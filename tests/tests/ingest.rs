@@ -728,6 +728,78 @@ async fn health_readiness_and_metrics_answer(backend: Backend) {
     server.stop().await;
 }
 
+/// PostgreSQL only: a database that refuses connections gets 503 with `Retry-After`, nothing is
+/// acknowledged, and the same request succeeds once the database is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unavailable_database_answers_503_then_recovers() {
+    use sqlx::{Connection, Executor};
+    let dest = Destination::new(Backend::Postgres, "unavailable").await;
+    let server = Server::start(config(&dest.url, &[])).await;
+    let url = server.url("/v1/webhook");
+    assert_eq!(
+        post(&url, track("before", json!({})).to_string()).await.0,
+        200
+    );
+    let database = dest
+        .url
+        .rsplit('/')
+        .next()
+        .expect("database name")
+        .to_owned();
+    let mut admin = sqlx::PgConnection::connect(&sluice_tests::postgres::admin_url())
+        .await
+        .expect("admin connection");
+    let set_allowed =
+        |allowed: bool| format!("ALTER DATABASE \"{database}\" WITH ALLOW_CONNECTIONS {allowed}");
+    admin
+        .execute(sqlx::AssertSqlSafe(set_allowed(false)))
+        .await
+        .expect("refuse connections");
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+        .bind(&database)
+        .execute(&mut admin)
+        .await
+        .expect("drop existing connections");
+    let response = reqwest::Client::new()
+        .post(&url)
+        .body(track("during", json!({})).to_string())
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status().as_u16(), 503);
+    assert_eq!(
+        response.headers().get("retry-after").map(|v| v.as_bytes()),
+        Some(&b"5"[..])
+    );
+    assert_eq!(
+        reqwest::get(server.url("/readyz"))
+            .await
+            .expect("readyz")
+            .status(),
+        503
+    );
+    admin
+        .execute(sqlx::AssertSqlSafe(set_allowed(true)))
+        .await
+        .expect("allow connections");
+    assert_eq!(
+        post(&url, track("during", json!({})).to_string()).await.0,
+        200,
+        "the retry lands"
+    );
+    let ids: HashSet<String> = dest
+        .rows(SCHEMA, Table::Track)
+        .await
+        .iter()
+        .map(|r| r["message_id"].as_str().expect("id").to_owned())
+        .collect();
+    assert_eq!(
+        ids,
+        HashSet::from(["before".to_owned(), "during".to_owned()])
+    );
+    server.stop().await;
+}
+
 macro_rules! on_both_backends {
     ($($scenario:ident),* $(,)?) => {
         mod postgres {

@@ -1,8 +1,9 @@
 //! The bounded queue and the batcher: many requests share one transaction (group commit).
 //!
-//! A batch closes when it holds `max_batch_rows` rows or its first event has waited
-//! `max_batch_delay`; then it goes to a free writer. While every writer is busy the batch keeps
-//! growing, so batches get larger exactly when the database is the bottleneck. The queue is
+//! A batch takes every job already queued, up to `max_batch_rows` rows, lingers up to
+//! `max_batch_delay` for more, then goes to the first free writer. While every writer is busy the
+//! batch keeps growing, so batches get larger exactly when the database is the bottleneck, and an
+//! idle service commits an event at once (with the default delay of zero). The queue is
 //! bounded in events: when it is full, [`Loader::submit`] fails at once and the receiver answers
 //! 503, so memory stays bounded and the sender retries.
 
@@ -27,7 +28,7 @@ use crate::schema::Catalog;
 pub struct LoaderConfig {
     /// A batch is written once it has this many rows.
     pub max_batch_rows: usize,
-    /// ... or once its first event has waited this long.
+    /// How long a batch waits for more events before it goes to a free writer.
     pub max_batch_delay: Duration,
     /// Events that may wait for a commit at once; beyond this, requests get 503.
     pub queue_capacity: usize,
@@ -45,7 +46,7 @@ pub struct LoadSummary {
 }
 
 impl LoadSummary {
-    pub(super) fn of(tables: &[TableRows], rejected: &[Rejected]) -> LoadSummary {
+    pub(super) fn of(tables: &[TableRows<'_>], rejected: &[Rejected]) -> LoadSummary {
         let mut summary = LoadSummary::default();
         for rows in tables {
             let refused = rejected.iter().filter(|r| r.table == rows.table).count();
@@ -171,24 +172,32 @@ async fn run(
         let deadline = tokio::time::Instant::now() + config.max_batch_delay;
         let mut rows = first.items.len();
         let mut batch = vec![first];
-        while open && rows < max_rows {
+        let permit = loop {
+            // Take everything already queued, up to a full batch.
+            while open && rows < max_rows {
+                match jobs.try_recv() {
+                    Ok(job) => {
+                        rows += job.items.len();
+                        batch.push(job);
+                    }
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => open = false,
+                }
+            }
+            if rows >= max_rows || !open {
+                break writers.clone().acquire_owned().await;
+            }
+            // Linger for more events until the deadline; after it, go as soon as a writer is
+            // free, and keep growing the batch while every writer is busy.
+            let lingering = tokio::time::Instant::now() < deadline;
             tokio::select! {
                 biased;
                 job = jobs.recv() => match job {
                     Some(job) => { rows += job.items.len(); batch.push(job); }
                     None => open = false,
                 },
-                () = tokio::time::sleep_until(deadline) => break,
-            }
-        }
-        let permit = loop {
-            tokio::select! {
-                biased;
-                permit = writers.clone().acquire_owned() => break permit,
-                job = jobs.recv(), if open && rows < max_rows => match job {
-                    Some(job) => { rows += job.items.len(); batch.push(job); }
-                    None => open = false,
-                },
+                () = tokio::time::sleep_until(deadline), if lingering => {}
+                permit = writers.clone().acquire_owned(), if !lingering => break permit,
             }
         };
         let Ok(permit) = permit else { break };

@@ -338,11 +338,11 @@ impl Warehouse {
     }
 
     /// Plans the batch against the catalog, evolving the schema until every column exists.
-    async fn plan(
+    async fn plan<'a>(
         &self,
         catalog: &Mutex<Catalog>,
-        items: &[Item],
-    ) -> Result<Vec<TableRows>, LoadError> {
+        items: &'a [Item],
+    ) -> Result<Vec<TableRows<'a>>, LoadError> {
         let batched_at = Utc::now();
         // Each round adds columns; a concurrent writer can cause at most a few more rounds.
         for _ in 0..8 {
@@ -361,7 +361,7 @@ impl Warehouse {
         ))
     }
 
-    async fn insert_all(&self, tables: &[TableRows]) -> Result<(), sqlx::Error> {
+    async fn insert_all(&self, tables: &[TableRows<'_>]) -> Result<(), sqlx::Error> {
         let mut tx = self.begin().await?;
         for rows in tables {
             tx.insert(&self.schema, rows).await?;
@@ -372,7 +372,7 @@ impl Warehouse {
     /// Loads record by record, each in a savepoint; the ones refused go to `_sdc_rejected`.
     async fn insert_each(
         &self,
-        tables: &[TableRows],
+        tables: &[TableRows<'_>],
         items: &[Item],
     ) -> Result<Vec<Rejected>, LoadError> {
         let mut tx = self.begin().await.map_err(|e| self.error(e))?;
@@ -436,7 +436,7 @@ impl Tx {
         }
     }
 
-    async fn insert(&mut self, schema: &str, rows: &TableRows) -> Result<(), sqlx::Error> {
+    async fn insert(&mut self, schema: &str, rows: &TableRows<'_>) -> Result<(), sqlx::Error> {
         match self {
             Tx::Postgres(tx) => postgres::insert(tx, schema, rows).await,
             Tx::Sqlite(tx) => sqlite::insert(tx, schema, rows).await,
@@ -465,7 +465,7 @@ impl Tx {
 
 /// The upsert's `ON CONFLICT` clause, shared by both databases: the newest version of an event
 /// (highest `_sdc_sequence`) wins, whichever transaction commits last.
-fn on_conflict_sql(rows: &TableRows) -> String {
+fn on_conflict_sql(rows: &TableRows<'_>) -> String {
     use crate::schema::quote_ident;
     let sets = rows
         .update_columns

@@ -5,10 +5,12 @@
 //! missing, so the writer can add it and plan again. Once a table has [`COLUMN_LIMIT`] columns,
 //! new keys go to its `_sdc_overflow` JSON column instead: nothing is dropped.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use axum::body::Bytes;
 use chrono::{DateTime, Utc};
+use rustc_hash::FxHashMap;
 use serde_json::Map;
 
 use crate::event::Table;
@@ -28,15 +30,16 @@ pub struct Item {
     pub raw: Bytes,
 }
 
-/// The rows of one table in a batch, column-aligned and ready to insert.
+/// The rows of one table in a batch, column-aligned and ready to insert. Values are borrowed
+/// from the batch's items where they need no conversion.
 #[derive(Debug, Clone, PartialEq)]
-pub struct TableRows {
+pub struct TableRows<'a> {
     /// The table.
     pub table: Table,
     /// The columns written, with the type of each column in the database.
     pub columns: Vec<(String, ColumnType)>,
     /// One entry per row, aligned with `columns`.
-    pub rows: Vec<Vec<Option<SqlValue>>>,
+    pub rows: Vec<Vec<Option<Cow<'a, SqlValue>>>>,
     /// For each row, the index of its item in the batch.
     pub items: Vec<usize>,
     /// Every column an upsert overwrites: all the table's columns of a type Sluice writes,
@@ -50,11 +53,11 @@ pub struct TableRows {
 pub struct Evolution(pub Vec<(Table, Vec<(String, ColumnType)>)>);
 
 /// Plans a whole batch. Items are expected deduplicated (see [`dedup`]).
-pub fn plan(
+pub fn plan<'a>(
     catalog: &Catalog,
-    items: &[Item],
+    items: &'a [Item],
     batched_at: DateTime<Utc>,
-) -> Result<Vec<TableRows>, Evolution> {
+) -> Result<Vec<TableRows<'a>>, Evolution> {
     let mut by_table: HashMap<Table, Vec<usize>> = HashMap::new();
     for (i, item) in items.iter().enumerate() {
         by_table.entry(item.record.table).or_default().push(i);
@@ -101,20 +104,24 @@ pub fn dedup(items: Vec<Item>) -> Vec<Item> {
     keep.into_iter().filter_map(|i| items[i].take()).collect()
 }
 
-enum Target {
-    Column(String, ColumnType),
+enum Target<'a> {
+    Column(Cow<'a, str>, ColumnType),
     Overflow,
 }
 
-fn plan_table(
+fn plan_table<'a>(
     table: Table,
     existing: &TableColumns,
-    items: &[Item],
+    items: &'a [Item],
     indexes: &[usize],
     batched_at: DateTime<Utc>,
-) -> Result<TableRows, Vec<(String, ColumnType)>> {
+) -> Result<TableRows<'a>, Vec<(String, ColumnType)>> {
     let mut missing: Vec<(String, ColumnType)> = Vec::new();
-    let mut sparse_rows: Vec<Vec<(String, ColumnType, SqlValue)>> = Vec::new();
+    let mut columns: Vec<(String, ColumnType)> = Vec::new();
+    let mut positions: FxHashMap<String, usize> = FxHashMap::default();
+    let mut placed_at: FxHashMap<(&'a str, ColumnType), Option<(usize, ColumnType)>> =
+        FxHashMap::default();
+    let mut sparse_rows: Vec<Vec<(usize, Cow<'a, SqlValue>)>> = Vec::with_capacity(indexes.len());
     for &i in indexes {
         let item = &items[i];
         let mut row = Vec::with_capacity(item.record.fields.len() + 4);
@@ -129,45 +136,66 @@ fn plan_table(
             .record
             .fields
             .iter()
-            .map(|f| (f.column.as_str(), f.value.clone()))
-            .chain(system);
+            .map(|f| (f.column.as_str(), Cow::Borrowed(&f.value)))
+            .chain(system.into_iter().map(|(c, v)| (c, Cow::Owned(v))));
         for (column, value) in fields {
-            match target(existing, &mut missing, column, value.column_type()) {
-                Target::Column(name, ty) => row.push((name, ty, coerce(value, ty))),
-                Target::Overflow => {
+            let ty = value.column_type();
+            // Each distinct (name, type) is placed once per batch, not once per row.
+            let placed = match placed_at.get(&(column, ty)) {
+                Some(&placed) => placed,
+                None => {
+                    let placed = match target(existing, &mut missing, column, ty) {
+                        Target::Column(name, column_ty) => {
+                            let position = match positions.get(name.as_ref()) {
+                                Some(&p) => p,
+                                None => {
+                                    positions.insert(name.to_string(), columns.len());
+                                    columns.push((name.into_owned(), column_ty));
+                                    columns.len() - 1
+                                }
+                            };
+                            Some((position, column_ty))
+                        }
+                        Target::Overflow => None,
+                    };
+                    placed_at.insert((column, ty), placed);
+                    placed
+                }
+            };
+            match placed {
+                Some((position, column_ty)) => row.push((position, coerce(value, column_ty))),
+                None => {
                     overflow.insert(column.to_owned(), value.to_json());
                 }
             }
         }
         if !overflow.is_empty() {
             let value = SqlValue::Json(serde_json::Value::Object(overflow).to_string());
-            match target(existing, &mut missing, OVERFLOW_COLUMN, ColumnType::Json) {
-                Target::Column(name, ty) => row.push((name, ty, value)),
-                // Only a hand-altered `_sdc_overflow` gets here; the writer rejects the record.
-                Target::Overflow => row.push((OVERFLOW_COLUMN.to_owned(), ColumnType::Json, value)),
-            }
+            let position = match positions.get(OVERFLOW_COLUMN) {
+                Some(&p) => p,
+                None => {
+                    positions.insert(OVERFLOW_COLUMN.to_owned(), columns.len());
+                    // A base column; if someone dropped it, it is missing and added back.
+                    if existing.get(OVERFLOW_COLUMN).is_none() {
+                        missing.push((OVERFLOW_COLUMN.to_owned(), ColumnType::Json));
+                    }
+                    columns.push((OVERFLOW_COLUMN.to_owned(), ColumnType::Json));
+                    columns.len() - 1
+                }
+            };
+            row.push((position, Cow::Owned(value)));
         }
         sparse_rows.push(row);
     }
     if !missing.is_empty() {
         return Err(missing);
     }
-    let mut positions: HashMap<String, usize> = HashMap::new();
-    let mut columns: Vec<(String, ColumnType)> = Vec::new();
-    for row in &sparse_rows {
-        for (name, ty, _) in row {
-            if !positions.contains_key(name) {
-                positions.insert(name.clone(), columns.len());
-                columns.push((name.clone(), *ty));
-            }
-        }
-    }
     let rows = sparse_rows
         .into_iter()
         .map(|row| {
             let mut dense = vec![None; columns.len()];
-            for (name, _, value) in row {
-                dense[positions[&name]] = Some(value);
+            for (position, value) in row {
+                dense[position] = Some(value);
             }
             dense
         })
@@ -190,12 +218,12 @@ fn plan_table(
 
 /// Where a value of type `ty` for `column` goes, given the table's columns and those already
 /// found missing in this batch.
-fn target(
+fn target<'a>(
     existing: &TableColumns,
     missing: &mut Vec<(String, ColumnType)>,
-    column: &str,
+    column: &'a str,
     ty: ColumnType,
-) -> Target {
+) -> Target<'a> {
     let lookup = |name: &str, missing: &[(String, ColumnType)]| {
         existing.get(name).or_else(|| {
             missing
@@ -204,25 +232,24 @@ fn target(
                 .map(|(_, t)| Some(*t))
         })
     };
-    let mut name = column.to_owned();
-    match lookup(&name, missing) {
+    let name: Cow<'a, str> = match lookup(column, missing) {
         Some(Some(existing_ty)) if existing_ty.accepts(ty) => {
-            return Target::Column(name, existing_ty);
+            return Target::Column(Cow::Borrowed(column), existing_ty);
         }
-        None => {}
+        None => Cow::Borrowed(column),
         Some(_) => {
-            name = split_column_name(column, ty);
-            match lookup(&name, missing) {
+            let split = split_column_name(column, ty);
+            match lookup(&split, missing) {
                 Some(Some(existing_ty)) if existing_ty.accepts(ty) => {
-                    return Target::Column(name, existing_ty);
+                    return Target::Column(Cow::Owned(split), existing_ty);
                 }
-                None => {}
+                None => Cow::Owned(split),
                 Some(_) => return Target::Overflow,
             }
         }
-    }
+    };
     if existing.len() + missing.len() < COLUMN_LIMIT {
-        missing.push((name.clone(), ty));
+        missing.push((name.to_string(), ty));
         // Planned as if present; the batch is planned again once the column exists.
         Target::Column(name, ty)
     } else {
@@ -230,10 +257,10 @@ fn target(
     }
 }
 
-fn coerce(value: SqlValue, column: ColumnType) -> SqlValue {
-    match (value, column) {
-        (SqlValue::BigInt(i), ColumnType::Double) => SqlValue::Double(i as f64),
-        (value, _) => value,
+fn coerce(value: Cow<'_, SqlValue>, column: ColumnType) -> Cow<'_, SqlValue> {
+    match (value.as_ref(), column) {
+        (SqlValue::BigInt(i), ColumnType::Double) => Cow::Owned(SqlValue::Double(*i as f64)),
+        _ => value,
     }
 }
 
@@ -250,7 +277,7 @@ mod tests {
         let Call::Load(table) = envelope.call else {
             panic!()
         };
-        let record = normalize(table, &envelope, event.as_object().expect("object"));
+        let record = normalize(table, &envelope, event.as_object().expect("object").clone());
         Item {
             record,
             received_at: Utc::now(),
@@ -260,7 +287,7 @@ mod tests {
     }
 
     fn catalog_with(table: Table, extra: &[(&str, ColumnType)]) -> Catalog {
-        let mut columns: HashMap<String, Option<ColumnType>> = base_columns(table)
+        let mut columns: FxHashMap<String, Option<ColumnType>> = base_columns(table)
             .into_iter()
             .map(|(n, t)| (n.to_owned(), Some(t)))
             .collect();
@@ -313,7 +340,10 @@ mod tests {
             .iter()
             .position(|(c, _)| c == "properties__seats__st")
             .expect("split column used");
-        assert_eq!(rows[0].rows[0][pos], Some(SqlValue::Text("three".into())));
+        assert_eq!(
+            rows[0].rows[0][pos].as_deref(),
+            Some(&SqlValue::Text("three".into()))
+        );
         assert!(
             !rows[0]
                 .columns
@@ -325,18 +355,17 @@ mod tests {
     #[test]
     fn integers_widen_into_double_columns() {
         let catalog = catalog_with(Table::Track, &[("properties__price", ColumnType::Double)]);
-        let rows = plan(
-            &catalog,
-            &[item(track(json!({"price": 10})), 1)],
-            Utc::now(),
-        )
-        .expect("planned");
+        let items = [item(track(json!({"price": 10})), 1)];
+        let rows = plan(&catalog, &items, Utc::now()).expect("planned");
         let pos = rows[0]
             .columns
             .iter()
             .position(|(c, _)| c == "properties__price")
             .expect("column");
-        assert_eq!(rows[0].rows[0][pos], Some(SqlValue::Double(10.0)));
+        assert_eq!(
+            rows[0].rows[0][pos].as_deref(),
+            Some(&SqlValue::Double(10.0))
+        );
     }
 
     #[test]
@@ -347,18 +376,14 @@ mod tests {
         let extra_refs: Vec<(&str, ColumnType)> =
             extra.iter().map(|(n, t)| (n.as_str(), *t)).collect();
         let catalog = catalog_with(Table::Track, &extra_refs);
-        let rows = plan(
-            &catalog,
-            &[item(track(json!({"brand_new": "kept"})), 1)],
-            Utc::now(),
-        )
-        .expect("no new columns past the limit");
+        let items = [item(track(json!({"brand_new": "kept"})), 1)];
+        let rows = plan(&catalog, &items, Utc::now()).expect("no new columns past the limit");
         let pos = rows[0]
             .columns
             .iter()
             .position(|(c, _)| c == OVERFLOW_COLUMN)
             .expect("overflow column");
-        let Some(SqlValue::Json(text)) = &rows[0].rows[0][pos] else {
+        let Some(SqlValue::Json(text)) = rows[0].rows[0][pos].as_deref() else {
             panic!("overflow is json")
         };
         let overflow: Value = serde_json::from_str(text).expect("json");
@@ -380,7 +405,8 @@ mod tests {
     #[test]
     fn upsert_overwrites_every_known_column_but_the_key() {
         let catalog = catalog_with(Table::Track, &[("properties__old", ColumnType::Text)]);
-        let rows = plan(&catalog, &[item(track(json!({})), 1)], Utc::now()).expect("planned");
+        let items = [item(track(json!({"old": "v"})), 1)];
+        let rows = plan(&catalog, &items, Utc::now()).expect("planned");
         assert!(
             rows[0]
                 .update_columns

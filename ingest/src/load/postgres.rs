@@ -82,7 +82,7 @@ fn lock_key(schema: &str) -> i64 {
 pub(super) async fn insert(
     tx: &mut Transaction<'static, Postgres>,
     schema: &str,
-    rows: &TableRows,
+    rows: &TableRows<'_>,
 ) -> Result<(), sqlx::Error> {
     let names = rows
         .columns
@@ -107,7 +107,7 @@ pub(super) async fn insert(
     );
     let mut query = sqlx::query(AssertSqlSafe(sql));
     for (i, (_, ty)) in rows.columns.iter().enumerate() {
-        let cells = rows.rows.iter().map(|row| row[i].as_ref());
+        let cells = rows.rows.iter().map(|row| row[i].as_deref());
         query = match ty {
             ColumnType::Text | ColumnType::Json => query.bind(
                 cells

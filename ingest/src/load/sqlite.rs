@@ -90,7 +90,7 @@ pub(super) async fn columns<'e>(
 pub(super) async fn insert(
     tx: &mut Transaction<'static, Sqlite>,
     schema: &str,
-    rows: &TableRows,
+    rows: &TableRows<'_>,
 ) -> Result<(), sqlx::Error> {
     let width = rows.columns.len();
     let names = rows
@@ -109,7 +109,7 @@ pub(super) async fn insert(
             on_conflict_sql(rows)
         );
         let mut query = sqlx::query(AssertSqlSafe(sql));
-        for value in chunk.iter().flatten() {
+        for value in chunk.iter().flatten().map(Option::as_deref) {
             query = match value {
                 None => query.bind(None::<&str>),
                 Some(SqlValue::Text(s) | SqlValue::Json(s)) => query.bind(s.as_str()),

@@ -209,7 +209,7 @@ fn prepare(
             skipped.push(table);
             continue;
         }
-        if let Value::Object(object) = &value {
+        if let Value::Object(object) = value {
             records.push((normalize(table, &envelope, object), raw));
         }
     }
