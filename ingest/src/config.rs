@@ -38,6 +38,25 @@ pub struct Config {
     #[arg(long, env = "SLUICE_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
 
+    /// Write keys accepted by the HTTP Tracking API (/v1/track, /v1/batch, ...), comma-separated.
+    /// With none, the Tracking API accepts any request.
+    #[arg(
+        long,
+        env = "SLUICE_WRITE_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub write_keys: Vec<String>,
+
+    /// Browser origins allowed to send to the Tracking API (CORS), comma-separated; * for any.
+    #[arg(
+        long,
+        env = "SLUICE_CORS_ORIGINS",
+        value_delimiter = ',',
+        default_value = "*"
+    )]
+    pub cors_origins: Vec<String>,
+
     /// Tables to load, comma-separated, from alias, group, identify, page, screen, track.
     /// Events of other types are acknowledged and skipped.
     #[arg(

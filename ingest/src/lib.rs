@@ -23,7 +23,7 @@ pub use config::Config;
 
 use load::{LoadError, Loader, Warehouse};
 use metrics::Metrics;
-use protocol::{AppState, Auth};
+use protocol::{AppState, Auth, CorsOrigins, WriteKeys};
 use schema::Dialect;
 
 /// Why the service could not start or stopped.
@@ -61,10 +61,18 @@ pub async fn run(
             "no shared secret or API key configured: /v1/webhook accepts unauthenticated requests"
         );
     }
+    let write_keys = WriteKeys::new(&config.write_keys);
+    if write_keys.is_open() {
+        tracing::warn!(
+            "no write keys configured: the Tracking API (/v1/track, /v1/batch, ...) accepts any request"
+        );
+    }
     let app = protocol::router(AppState {
         loader,
         warehouse,
         auth,
+        write_keys,
+        cors_origins: CorsOrigins::new(&config.cors_origins),
         tables,
         metrics,
         max_body_bytes: config.max_body_bytes,

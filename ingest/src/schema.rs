@@ -179,6 +179,23 @@ pub fn create_rejected_sql(schema: &str) -> String {
     )
 }
 
+/// `INSERT` of one `_sdc_rejected` row, parameters in order: rejected at, table name,
+/// message id, reason, record.
+pub fn insert_rejected_sql(dialect: Dialect, schema: &str) -> String {
+    let placeholders = (1..=5)
+        .map(|i| match dialect {
+            Dialect::Postgres => format!("${i}"),
+            Dialect::Sqlite => format!("?{i}"),
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "INSERT INTO {} (\"_sdc_rejected_at\", \"table_name\", \"message_id\", \"reason\", \"record\") \
+         VALUES ({placeholders})",
+        qualified(schema, REJECTED_TABLE)
+    )
+}
+
 /// `ALTER TABLE ... ADD COLUMN`. Run under the schema's DDL lock after reading the catalog, so
 /// it never races another writer (SQLite has no `IF NOT EXISTS` here, so the lock is the guard
 /// on both databases).

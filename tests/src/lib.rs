@@ -5,3 +5,23 @@
 pub mod ingest;
 pub mod kube;
 pub mod postgres;
+
+/// Defines, for each named scenario `async fn NAME(backend: Backend)` of the calling test file, a
+/// test `postgres::NAME` and a test `sqlite::NAME`: the same behaviour proven on both databases.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($scenario:ident),* $(,)?) => {
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $scenario() {
+                super::$scenario($crate::ingest::Backend::Postgres).await
+            })*
+        }
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $scenario() {
+                super::$scenario($crate::ingest::Backend::Sqlite).await
+            })*
+        }
+    };
+}

@@ -800,22 +800,7 @@ async fn unavailable_database_answers_503_then_recovers() {
     server.stop().await;
 }
 
-macro_rules! on_both_backends {
-    ($($scenario:ident),* $(,)?) => {
-        mod postgres {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $scenario() { super::$scenario(sluice_tests::ingest::Backend::Postgres).await }
-            )*
-        }
-        mod sqlite {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $scenario() { super::$scenario(sluice_tests::ingest::Backend::Sqlite).await }
-            )*
-        }
-    };
-}
-
-on_both_backends!(
+sluice_tests::on_both_backends!(
     fixtures_land_in_their_tables,
     unselected_types_are_acknowledged_and_skipped,
     redelivered_event_is_one_row,

@@ -12,7 +12,7 @@ use sqlx::{AssertSqlSafe, PgPool, Postgres, Transaction};
 use super::plan::TableRows;
 use super::{Failure, LoadError, Rejected, on_conflict_sql};
 use crate::normalize::{ColumnType, SqlValue};
-use crate::schema::{REJECTED_TABLE, qualified, quote_ident};
+use crate::schema::{Dialect, insert_rejected_sql, qualified, quote_ident};
 
 /// A lazily connecting pool: the process starts, and `/readyz` reports, while the database is
 /// down.
@@ -161,11 +161,7 @@ pub(super) async fn insert_rejected(
     record: &Rejected,
     at: DateTime<Utc>,
 ) -> Result<(), sqlx::Error> {
-    let sql = format!(
-        "INSERT INTO {} (\"_sdc_rejected_at\", \"table_name\", \"message_id\", \"reason\", \"record\") \
-         VALUES ($1, $2, $3, $4, $5)",
-        qualified(schema, REJECTED_TABLE)
-    );
+    let sql = insert_rejected_sql(Dialect::Postgres, schema);
     sqlx::query(AssertSqlSafe(sql))
         .bind(at)
         .bind(record.table.name())

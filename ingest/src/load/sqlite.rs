@@ -13,7 +13,7 @@ use sqlx::{AssertSqlSafe, Executor, Sqlite, SqlitePool, Transaction};
 use super::plan::TableRows;
 use super::{Failure, LoadError, Rejected, on_conflict_sql};
 use crate::normalize::{SqlValue, format_timestamp};
-use crate::schema::{REJECTED_TABLE, qualified, quote_ident};
+use crate::schema::{Dialect, insert_rejected_sql, qualified, quote_ident};
 
 /// SQLite's default cap on bound parameters per statement (`SQLITE_MAX_VARIABLE_NUMBER`).
 const MAX_PARAMETERS: usize = 32_766;
@@ -131,11 +131,7 @@ pub(super) async fn insert_rejected(
     record: &Rejected,
     at: DateTime<Utc>,
 ) -> Result<(), sqlx::Error> {
-    let sql = format!(
-        "INSERT INTO {} (\"_sdc_rejected_at\", \"table_name\", \"message_id\", \"reason\", \"record\") \
-         VALUES (?1, ?2, ?3, ?4, ?5)",
-        qualified(schema, REJECTED_TABLE)
-    );
+    let sql = insert_rejected_sql(Dialect::Sqlite, schema);
     sqlx::query(AssertSqlSafe(sql))
         .bind(format_timestamp(&at))
         .bind(record.table.name())

@@ -104,7 +104,7 @@ fn first_array_element(body: &[u8]) -> Option<String> {
 }
 
 /// The user name of an `Authorization: Basic` header.
-fn basic_user(headers: &HeaderMap) -> Option<String> {
+pub(super) fn basic_user(headers: &HeaderMap) -> Option<String> {
     let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
     let (scheme, encoded) = value.trim().split_once(' ')?;
     if !scheme.eq_ignore_ascii_case("basic") {
@@ -116,7 +116,7 @@ fn basic_user(headers: &HeaderMap) -> Option<String> {
     Some(user.to_owned())
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(super) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

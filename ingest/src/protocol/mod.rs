@@ -12,6 +12,7 @@
 //! 503 with `Retry-After` when the database is unavailable or the queue is full.
 
 mod auth;
+mod tracking;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,6 +28,7 @@ use chrono::Utc;
 use serde_json::{Value, json};
 
 pub use auth::{Auth, Unauthorized, sign};
+pub use tracking::{CorsOrigins, WriteKeys, corrected_timestamp, enrich};
 
 use crate::event::{Call, InvalidEvent, Table, json_kind, validate};
 use crate::load::{LoadError, Loader, RETRY_AFTER, Warehouse};
@@ -45,6 +47,10 @@ pub struct AppState {
     pub warehouse: Warehouse,
     /// Webhook credentials.
     pub auth: Auth,
+    /// Tracking API write keys.
+    pub write_keys: WriteKeys,
+    /// Browser origins allowed to send to the Tracking API.
+    pub cors_origins: CorsOrigins,
     /// The tables selected for loading; events of other types are acknowledged and skipped.
     pub tables: Vec<Table>,
     /// Metrics.
@@ -66,6 +72,7 @@ pub fn router(state: AppState) -> Router {
                 webhook,
             ),
         )
+        .route("/v1/{call}", axum::routing::post(tracking::tracking))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -75,6 +82,10 @@ pub fn router(state: AppState) -> Router {
                 "no such route; events go to POST /v1/webhook",
             )
         })
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            tracking::cors,
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), count_status))
         .with_state(state)
 }
@@ -231,35 +242,31 @@ async fn webhook(State(state): State<Arc<AppState>>, headers: HeaderMap, body: B
         Ok(prepared) => prepared,
         Err(refusal) => return refusal.into_response(),
     };
-    load(&state, records, skipped, received_at).await
-}
-
-/// Submits records and answers once they are committed.
-async fn load(
-    state: &AppState,
-    records: Vec<(Record, Bytes)>,
-    skipped: Vec<Table>,
-    received_at: chrono::DateTime<Utc>,
-) -> Response {
-    let loaded = records.len();
-    let outcome = if records.is_empty() {
-        Ok(())
-    } else {
-        match state.loader.submit(records, received_at) {
-            Ok(answer) => answer.await.unwrap_or(Err(LoadError::ShuttingDown)),
-            Err(e) => Err(e),
-        }
-    };
-    match outcome {
-        Ok(()) => {
-            for table in &skipped {
-                state.metrics.skipped(*table, 1);
-            }
-            let body = json!({ "ok": true, "loaded": loaded, "skipped": skipped.len() });
+    match commit(&state, records, skipped, received_at).await {
+        Ok((loaded, skipped)) => {
+            let body = json!({ "ok": true, "loaded": loaded, "skipped": skipped });
             (StatusCode::OK, axum::Json(body)).into_response()
         }
         Err(e) => unavailable(e),
     }
+}
+
+/// Submits records and returns once they are committed: how many were loaded and skipped.
+async fn commit(
+    state: &AppState,
+    records: Vec<(Record, Bytes)>,
+    skipped: Vec<Table>,
+    received_at: chrono::DateTime<Utc>,
+) -> Result<(usize, usize), LoadError> {
+    let loaded = records.len();
+    if !records.is_empty() {
+        let answer = state.loader.submit(records, received_at)?;
+        answer.await.unwrap_or(Err(LoadError::ShuttingDown))?;
+    }
+    for table in &skipped {
+        state.metrics.skipped(*table, 1);
+    }
+    Ok((loaded, skipped.len()))
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {

@@ -1,0 +1,524 @@
+//! Segment's HTTP Tracking API, so that any Segment library (or analytics.js) can send straight
+//! to Sluice: `/v1/{track,identify,page,screen,group,alias,batch}` and analytics.js's short forms
+//! `/v1/{t,i,p,s,g,a,b}`.
+//!
+//! What Segment's servers do to an event on the way in, Sluice does here, before the shared
+//! validation, normalization and loading of [`super`]:
+//! - `receivedAt` is the time the request arrived;
+//! - `originalTimestamp` is the client's `timestamp` (or its own `originalTimestamp`), and
+//!   `timestamp` is corrected for the client's clock skew: `receivedAt - (sentAt -
+//!   originalTimestamp)`;
+//! - an event without `messageId` gets one derived from its content, so a client's retry of the
+//!   same request is still one row;
+//! - a batch's top-level `context` and `integrations` are merged into each item (the item's own
+//!   keys win), and so is its `sentAt`.
+//!
+//! Limits, as Segment documents them: 32 KB per event, 500 KB and 2500 events per batch.
+
+use std::io::Read;
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value, json};
+use sha1::{Digest, Sha1};
+
+use super::{AppState, commit, error, prepare, read_body, unavailable};
+use crate::normalize::{format_timestamp, parse_timestamp};
+
+/// Largest event, in bytes of JSON.
+pub const MAX_EVENT_BYTES: usize = 32 * 1024;
+/// Largest batch request body, in bytes (after gzip decoding).
+pub const MAX_BATCH_BYTES: usize = 500 * 1024;
+/// Most events in one batch.
+pub const MAX_BATCH_EVENTS: usize = 2500;
+
+/// What a route asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    /// One event; the type its path names.
+    Single(&'static str),
+    /// `/v1/batch`.
+    Batch,
+}
+
+fn route(call: &str) -> Option<Route> {
+    Some(match call {
+        "track" | "t" => Route::Single("track"),
+        "identify" | "i" => Route::Single("identify"),
+        "page" | "p" => Route::Single("page"),
+        "screen" | "s" => Route::Single("screen"),
+        "group" | "g" => Route::Single("group"),
+        "alias" | "a" => Route::Single("alias"),
+        "batch" | "b" => Route::Batch,
+        _ => return None,
+    })
+}
+
+/// Write keys that may send events. With none configured every request is accepted.
+#[derive(Clone, Default)]
+pub struct WriteKeys(Vec<String>);
+
+impl std::fmt::Debug for WriteKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "WriteKeys({} configured)", self.0.len())
+    }
+}
+
+impl WriteKeys {
+    /// The accepted keys; empty strings are ignored.
+    pub fn new(keys: &[String]) -> WriteKeys {
+        WriteKeys(keys.iter().filter(|k| !k.is_empty()).cloned().collect())
+    }
+
+    /// Whether requests are accepted without a write key.
+    pub fn is_open(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn accepts(&self, key: Option<&str>) -> bool {
+        self.is_open()
+            || key.is_some_and(|key| {
+                self.0
+                    .iter()
+                    .any(|k| super::auth::constant_time_eq(k.as_bytes(), key.as_bytes()))
+            })
+    }
+}
+
+/// A Tracking API request refused, with the answer to give.
+#[derive(Debug)]
+struct Refused(StatusCode, String);
+
+impl IntoResponse for Refused {
+    fn into_response(self) -> Response {
+        error(self.0, self.1)
+    }
+}
+
+fn bad(message: impl Into<String>) -> Refused {
+    Refused(StatusCode::BAD_REQUEST, message.into())
+}
+
+/// Origins whose browsers may send events (CORS); `*` allows any.
+#[derive(Debug, Clone, Default)]
+pub struct CorsOrigins(Vec<String>);
+
+impl CorsOrigins {
+    /// The allowed origins, e.g. `https://shop.example.com`, or `*`.
+    pub fn new(origins: &[String]) -> CorsOrigins {
+        CorsOrigins(
+            origins
+                .iter()
+                .map(|o| o.trim().trim_end_matches('/').to_owned())
+                .filter(|o| !o.is_empty())
+                .collect(),
+        )
+    }
+
+    fn allows(&self, origin: &str) -> bool {
+        self.0.iter().any(|o| o == "*" || o == origin)
+    }
+}
+
+/// Answers CORS preflight requests and marks answers readable by allowed browser origins, so
+/// analytics.js on a web page can send to Sluice.
+pub(super) async fn cors(
+    State(state): State<Arc<AppState>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let origin = request
+        .headers()
+        .get(header::ORIGIN)
+        .filter(|o| o.to_str().is_ok_and(|o| state.cors_origins.allows(o)))
+        .cloned();
+    let preflight = request.method() == axum::http::Method::OPTIONS;
+    let mut response = if preflight {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        next.run(request).await
+    };
+    let headers = response.headers_mut();
+    headers.insert(header::VARY, header::HeaderValue::from_static("Origin"));
+    if let Some(origin) = origin {
+        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        if preflight {
+            headers.insert(
+                header::ACCESS_CONTROL_ALLOW_METHODS,
+                header::HeaderValue::from_static("POST, OPTIONS"),
+            );
+            headers.insert(
+                header::ACCESS_CONTROL_ALLOW_HEADERS,
+                header::HeaderValue::from_static("Content-Type, Authorization, Content-Encoding"),
+            );
+            headers.insert(
+                header::ACCESS_CONTROL_MAX_AGE,
+                header::HeaderValue::from_static("86400"),
+            );
+        }
+    }
+    response
+}
+
+/// The handler of every `/v1/{call}` route but the webhook.
+pub(super) async fn tracking(
+    State(state): State<Arc<AppState>>,
+    Path(call): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let received_at = Utc::now();
+    let Some(route) = route(&call) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no such route /v1/{call}; see Segment's HTTP Tracking API"),
+        );
+    };
+    let events = match decode(&state, &headers, body, route).await {
+        Ok(events) => events,
+        Err(response) => return response,
+    };
+    let enriched = events
+        .into_iter()
+        .map(|event| {
+            let event = enrich(event, received_at);
+            let raw = Bytes::from(Value::Object(event.clone()).to_string());
+            (Value::Object(event), raw)
+        })
+        .collect();
+    let (records, skipped) = match prepare(enriched, &state.tables, route == Route::Batch) {
+        Ok(prepared) => prepared,
+        Err(refusal) => return refusal.into_response(),
+    };
+    match commit(&state, records, skipped, received_at).await {
+        Ok(_) => (StatusCode::OK, axum::Json(json!({ "success": true }))).into_response(),
+        Err(e) => unavailable(e),
+    }
+}
+
+/// Reads, decompresses, parses, authenticates and splits a request into its events (with the
+/// batch's shared fields merged in). Nothing here touches the database.
+async fn decode(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    route: Route,
+) -> Result<Vec<Map<String, Value>>, Response> {
+    let body = read_body(body, state.max_body_bytes)
+        .await
+        .map_err(IntoResponse::into_response)?;
+    parse(state, headers, body, route).map_err(IntoResponse::into_response)
+}
+
+fn parse(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Bytes,
+    route: Route,
+) -> Result<Vec<Map<String, Value>>, Refused> {
+    let limit = match route {
+        Route::Single(_) => MAX_EVENT_BYTES,
+        Route::Batch => MAX_BATCH_BYTES,
+    };
+    let body = decompress(headers, body, limit)?;
+    if body.len() > limit {
+        return Err(bad(match route {
+            Route::Single(_) => format!(
+                "event is larger than the 32 KB limit ({} bytes)",
+                body.len()
+            ),
+            Route::Batch => format!(
+                "batch is larger than the 500 KB limit ({} bytes)",
+                body.len()
+            ),
+        }));
+    }
+    let value: Value =
+        serde_json::from_slice(&body).map_err(|e| bad(format!("malformed JSON: {e}")))?;
+    let Value::Object(mut object) = value else {
+        return Err(bad("the body must be a JSON object"));
+    };
+    let key = basic_user(headers).or_else(|| {
+        object
+            .get("writeKey")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    });
+    if !state.write_keys.accepts(key.as_deref()) {
+        return Err(Refused(
+            StatusCode::UNAUTHORIZED,
+            "missing or unknown write key: send it as the Basic user name or as \"writeKey\""
+                .to_owned(),
+        ));
+    }
+    object.remove("writeKey");
+    match route {
+        Route::Single(kind) => {
+            object
+                .entry("type")
+                .or_insert_with(|| Value::String(kind.to_owned()));
+            Ok(vec![object])
+        }
+        Route::Batch => split_batch(object),
+    }
+}
+
+fn split_batch(mut object: Map<String, Value>) -> Result<Vec<Map<String, Value>>, Refused> {
+    let items = match object.remove("batch") {
+        Some(Value::Array(items)) => items,
+        _ => {
+            return Err(bad(
+                "missing \"batch\": a batch request holds an array of events",
+            ));
+        }
+    };
+    if items.len() > MAX_BATCH_EVENTS {
+        return Err(bad(format!(
+            "batch has {} events, more than the limit of {MAX_BATCH_EVENTS}",
+            items.len()
+        )));
+    }
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(index, item)| {
+            let Value::Object(mut item) = item else {
+                return Err(bad(format!("event {index}: must be a JSON object")));
+            };
+            let size = Value::Object(item.clone()).to_string().len();
+            if size > MAX_EVENT_BYTES {
+                return Err(bad(format!(
+                    "event {index}: larger than the 32 KB limit ({size} bytes)"
+                )));
+            }
+            item.remove("writeKey");
+            for shared in ["context", "integrations"] {
+                if let Some(Value::Object(top)) = object.get(shared) {
+                    merge_under(&mut item, shared, top);
+                }
+            }
+            if let Some(sent_at) = object.get("sentAt") {
+                item.entry("sentAt").or_insert_with(|| sent_at.clone());
+            }
+            Ok(item)
+        })
+        .collect()
+}
+
+/// Puts the keys of `top` into `item[field]` where the item has none of its own.
+fn merge_under(item: &mut Map<String, Value>, field: &str, top: &Map<String, Value>) {
+    let entry = item
+        .entry(field)
+        .or_insert_with(|| Value::Object(Map::new()));
+    if let Value::Object(own) = entry {
+        for (key, value) in top {
+            own.entry(key.clone()).or_insert_with(|| value.clone());
+        }
+    }
+}
+
+fn decompress(headers: &HeaderMap, body: Bytes, limit: usize) -> Result<Bytes, Refused> {
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().to_ascii_lowercase());
+    match encoding.as_deref() {
+        None | Some("identity") => Ok(body),
+        Some("gzip") => {
+            let mut out = Vec::new();
+            // One byte past the limit is enough to say the body is too large.
+            flate2::read::GzDecoder::new(&body[..])
+                .take(limit as u64 + 1)
+                .read_to_end(&mut out)
+                .map_err(|e| bad(format!("cannot decode the gzip body: {e}")))?;
+            Ok(Bytes::from(out))
+        }
+        Some(other) => Err(Refused(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("unsupported Content-Encoding {other:?}: send gzip or none"),
+        )),
+    }
+}
+
+fn basic_user(headers: &HeaderMap) -> Option<String> {
+    super::auth::basic_user(headers).filter(|user| !user.is_empty())
+}
+
+/// Sets what Segment's servers set: `receivedAt`, `originalTimestamp`, a skew-corrected
+/// `timestamp`, and a `messageId` derived from the content when the client sent none.
+pub fn enrich(mut event: Map<String, Value>, received_at: DateTime<Utc>) -> Map<String, Value> {
+    if !event.contains_key("messageId") {
+        let id = content_id(&event);
+        event.insert("messageId".to_owned(), Value::String(id));
+    }
+    let time = |event: &Map<String, Value>, key: &str| {
+        event
+            .get(key)
+            .and_then(Value::as_str)
+            .and_then(parse_timestamp)
+    };
+    let original = time(&event, "originalTimestamp").or_else(|| time(&event, "timestamp"));
+    let timestamp = corrected_timestamp(received_at, time(&event, "sentAt"), original);
+    if let Some(original) = original {
+        event.insert(
+            "originalTimestamp".to_owned(),
+            Value::String(format_timestamp(&original)),
+        );
+    }
+    event.insert(
+        "timestamp".to_owned(),
+        Value::String(format_timestamp(&timestamp)),
+    );
+    event.insert(
+        "receivedAt".to_owned(),
+        Value::String(format_timestamp(&received_at)),
+    );
+    event
+}
+
+/// Segment's clock-skew correction: `receivedAt - (sentAt - originalTimestamp)`. Without
+/// `sentAt` the client's time is kept; without any client time, the arrival time is used.
+pub fn corrected_timestamp(
+    received_at: DateTime<Utc>,
+    sent_at: Option<DateTime<Utc>>,
+    original: Option<DateTime<Utc>>,
+) -> DateTime<Utc> {
+    match (sent_at, original) {
+        (Some(sent_at), Some(original)) => received_at - (sent_at - original),
+        (None, Some(original)) => original,
+        (_, None) => received_at,
+    }
+}
+
+/// A `messageId` for an event that has none: a hash of its content (keys in order, as
+/// `serde_json` keeps them sorted), so the same request retried maps to the same row.
+fn content_id(event: &Map<String, Value>) -> String {
+    let canonical = Value::Object(event.clone()).to_string();
+    format!(
+        "sluice-{}",
+        hex::encode(&Sha1::digest(canonical.as_bytes())[..16])
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(text: &str) -> DateTime<Utc> {
+        parse_timestamp(text).expect("timestamp")
+    }
+
+    #[test]
+    fn every_route_and_short_form_is_known() {
+        for (long, short) in [
+            ("track", "t"),
+            ("identify", "i"),
+            ("page", "p"),
+            ("screen", "s"),
+            ("group", "g"),
+            ("alias", "a"),
+            ("batch", "b"),
+        ] {
+            assert_eq!(route(long), route(short));
+            assert!(route(long).is_some());
+        }
+        assert_eq!(route("webhooks"), None);
+    }
+
+    #[test]
+    fn clock_skew_is_corrected_as_segment_does() {
+        // The client's clock is 1 hour 10 s fast: it stamped the call at 11:00:00 and sent it
+        // at 11:00:05 (its time); the server received it at 10:00:00 (true time). The event
+        // happened 5 s before it was sent, so at 09:59:55 true time.
+        let received = at("2024-05-01T10:00:00.000Z");
+        let corrected = corrected_timestamp(
+            received,
+            Some(at("2024-05-01T11:00:05.000Z")),
+            Some(at("2024-05-01T11:00:00.000Z")),
+        );
+        assert_eq!(corrected, at("2024-05-01T09:59:55.000Z"));
+        assert_eq!(
+            corrected_timestamp(received, None, Some(at("2024-05-01T08:00:00Z"))),
+            at("2024-05-01T08:00:00Z")
+        );
+        assert_eq!(corrected_timestamp(received, None, None), received);
+    }
+
+    #[test]
+    fn enrich_sets_server_fields_and_keeps_client_time() {
+        let event = serde_json::from_value(json!({
+            "type": "track", "event": "E", "userId": "u",
+            "timestamp": "2024-05-01T11:00:00Z", "sentAt": "2024-05-01T11:00:05Z"
+        }))
+        .expect("object");
+        let received = at("2024-05-01T10:00:00Z");
+        let enriched = enrich(event, received);
+        assert_eq!(enriched["receivedAt"], "2024-05-01T10:00:00.000Z");
+        assert_eq!(enriched["originalTimestamp"], "2024-05-01T11:00:00.000Z");
+        assert_eq!(enriched["timestamp"], "2024-05-01T09:59:55.000Z");
+        assert!(
+            enriched["messageId"]
+                .as_str()
+                .expect("id")
+                .starts_with("sluice-")
+        );
+    }
+
+    #[test]
+    fn derived_message_ids_follow_content() {
+        let a: Map<String, Value> =
+            serde_json::from_value(json!({"type": "track", "event": "E", "userId": "u"}))
+                .expect("object");
+        let mut b = a.clone();
+        assert_eq!(content_id(&a), content_id(&b));
+        b.insert("event".into(), json!("F"));
+        assert_ne!(content_id(&a), content_id(&b));
+    }
+
+    #[test]
+    fn batch_context_merges_under_items() {
+        let object = serde_json::from_value(json!({
+            "batch": [
+                {"type": "track", "event": "E", "userId": "u", "context": {"ip": "1.1.1.1"}},
+                {"type": "identify", "userId": "u"}
+            ],
+            "context": {"ip": "9.9.9.9", "library": {"name": "x"}},
+            "integrations": {"All": false},
+            "sentAt": "2024-05-01T11:00:05Z"
+        }))
+        .expect("object");
+        let items = split_batch(object).expect("valid batch");
+        assert_eq!(
+            items[0]["context"],
+            json!({"ip": "1.1.1.1", "library": {"name": "x"}})
+        );
+        assert_eq!(
+            items[1]["context"],
+            json!({"ip": "9.9.9.9", "library": {"name": "x"}})
+        );
+        assert_eq!(items[1]["integrations"], json!({"All": false}));
+        assert_eq!(items[1]["sentAt"], "2024-05-01T11:00:05Z");
+    }
+
+    #[test]
+    fn batch_limits_name_the_limit() {
+        let many = json!({"batch": vec![json!({"type": "track"}); MAX_BATCH_EVENTS + 1]});
+        let Err(Refused(status, message)) =
+            split_batch(serde_json::from_value(many).expect("object"))
+        else {
+            panic!("refused")
+        };
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(message.contains("2500"), "{message}");
+        let big = json!({"batch": [{"type": "track", "x": "y".repeat(MAX_EVENT_BYTES)}]});
+        let Err(Refused(_, message)) = split_batch(serde_json::from_value(big).expect("object"))
+        else {
+            panic!("refused")
+        };
+        assert!(message.contains("32 KB"), "{message}");
+    }
+}
