@@ -5,9 +5,11 @@
 #   1. formatting and lints: cargo fmt --check, cargo clippy -D warnings
 #   2. a throwaway PostgreSQL server (tests/scripts/postgres.sh)
 #   3. a real Kubernetes API server, etcd + kube-apiserver (tests/scripts/kube-apiserver.sh)
-#   4. cargo test for the whole workspace: unit tests and the integration tests in tests/
+#   4. Segment's Python and Node libraries, for the Tracking API tests (tests/scripts/clients.sh)
+#   5. cargo test for the whole workspace: unit tests and the integration tests in tests/
 #
-# Binaries built on the way (kube-apiserver, etcd) are cached in tools/, which git ignores.
+# What is built or installed on the way (kube-apiserver, etcd, the client libraries) is cached in
+# tools/, which git ignores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -40,6 +42,9 @@ bash tests/scripts/kube-apiserver.sh build
 bash tests/scripts/kube-apiserver.sh start "$run_dir/kube"
 # shellcheck source=/dev/null
 source "$run_dir/kube/env"
+
+step "Segment's official libraries (PyPI, npm)"
+eval "$(bash tests/scripts/clients.sh)"
 
 step "tests"
 # The process-level tests run the real binary.

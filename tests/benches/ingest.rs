@@ -82,7 +82,8 @@ impl Run {
 }
 
 /// Sends `events` events, `per_request` per request, from `clients` concurrent clients as fast
-/// as they are answered (closed loop), or at `rate` events/s in total (open loop).
+/// as they are answered (closed loop), or at `rate` events/s in total (open loop). Requests to
+/// `/v1/batch` wrap their events as the Tracking API expects; webhook batches are JSON arrays.
 async fn drive(
     url: &str,
     mode: &'static str,
@@ -97,7 +98,9 @@ async fn drive(
                 let batch: Vec<Value> = (r * per_request..((r + 1) * per_request).min(events))
                     .map(|i| event(mode, i))
                     .collect();
-                if per_request == 1 {
+                if url.ends_with("/v1/batch") {
+                    json!({ "batch": batch }).to_string()
+                } else if per_request == 1 {
                     batch[0].to_string()
                 } else {
                     Value::Array(batch).to_string()
@@ -274,6 +277,10 @@ async fn main() {
     let batched = drive(&url, "batch", events, batch, clients / 4, None).await;
     let batched = measure(format!("batches of {batch}, max rate"), batched, before);
     let before = cpu();
+    let tracking_url = process.url("/v1/batch");
+    let tracking = drive(&tracking_url, "tracking", events, batch, clients / 4, None).await;
+    let tracking = measure(format!("/v1/batch of {batch}, max rate"), tracking, before);
+    let before = cpu();
     let half = drive(
         &url,
         "half",
@@ -303,6 +310,7 @@ async fn main() {
     for (mode, sent) in [
         ("single", events / 4),
         ("batch", events),
+        ("tracking", events),
         ("half", events / 4),
         ("halfbatch", events),
     ] {
@@ -332,13 +340,14 @@ async fn main() {
         metric("sluice_batch_rows_sum") / batches,
         metric("sluice_commit_seconds_sum") / batches * 1e3
     );
-    let total: usize = 2_000 + events / 4 * 2 + events * 2;
+    let total: usize = 2_000 + events / 4 * 2 + events * 3;
     let ceiling = copy_ceiling(&dest.url, total).await;
     println!("peak RSS of sluice-ingest: {:.1} MiB", rss as f64 / 1024.0);
     println!("COPY of the same {total} rows into the same table shape: {ceiling:.0} rows/s");
     println!(
-        "Sluice / COPY: single events {:.2}, batches of {batch} {:.2}",
+        "Sluice / COPY: single events {:.2}, webhook batches of {batch} {:.2}, /v1/batch of {batch} {:.2}",
         single.rate() / ceiling,
-        batched.rate() / ceiling
+        batched.rate() / ceiling,
+        tracking.rate() / ceiling
     );
 }
