@@ -342,7 +342,7 @@ cmd_start() {
         --service-account-issuer https://kubernetes.default.svc.cluster.local \
         --service-account-key-file "$PKI/service-account.pub" \
         --service-account-signing-key-file "$PKI/service-account.key" \
-        --service-cluster-ip-range 10.0.0.0/24 \
+        --service-cluster-ip-range 10.0.0.0/16 \
         --disable-admission-plugins ServiceAccount \
         --allow-privileged=true \
         --cert-dir "$PKI"

@@ -1,0 +1,645 @@
+//! The desired Kubernetes objects of one `SegmentIntegration`: pure functions, spec in, objects
+//! out. No client here; `controller` applies what these return.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::autoscaling::v2::{
+    CrossVersionObjectReference, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec, MetricSpec,
+    MetricTarget, ResourceMetricSource,
+};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile,
+    Secret, SecretKeySelector, SecurityContext, Service, ServicePort, ServiceSpec,
+};
+use k8s_openapi::api::networking::v1::{
+    HTTPIngressPath, HTTPIngressRuleValue, Ingress, IngressBackend, IngressRule,
+    IngressServiceBackend, IngressSpec as K8sIngressSpec, IngressTLS, ServiceBackendPort,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::Resource;
+
+use crate::crd::SegmentIntegration;
+
+/// Port the ingest container listens on.
+pub const INGEST_PORT: i32 = 8080;
+/// Port of the Service in front of it.
+pub const SERVICE_PORT: i32 = 80;
+/// Key of the shared secret (for `X-Signature`) in the credentials Secret.
+pub const SHARED_SECRET_KEY: &str = "sharedSecret";
+/// Key of the API key (for HTTP Basic) in the credentials Secret.
+pub const API_KEY_KEY: &str = "apiKey";
+/// Key of the webhook URL in the credentials Secret, for convenience.
+pub const WEBHOOK_URL_KEY: &str = "webhookUrl";
+/// The container's name in the ingest pod.
+pub const CONTAINER_NAME: &str = "ingest";
+/// The label every child carries, naming its integration; children are found by it.
+pub const INTEGRATION_LABEL: &str = "sluice.dev/integration";
+
+/// What the build step needs beyond the resource itself.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Inputs {
+    /// The schema the tables are in (see [`SegmentIntegration::schema_name`]).
+    pub schema: String,
+    /// The image when the spec names none.
+    pub default_image: String,
+}
+
+/// Why a resource cannot be built into objects. Normally the CRD's validation prevents these.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum BuildError {
+    /// The object has no name, namespace or uid yet (it was not read from the API server).
+    #[error("the SegmentIntegration has no {0} (it must be read from the API server)")]
+    Incomplete(&'static str),
+}
+
+/// The Deployment's and Service's name: `<name>-ingest`.
+pub fn ingest_name(si: &SegmentIntegration) -> String {
+    format!("{}-ingest", name(si))
+}
+
+/// The credentials Secret's name: `<name>-credentials`.
+pub fn credentials_name(si: &SegmentIntegration) -> String {
+    format!("{}-credentials", name(si))
+}
+
+fn name(si: &SegmentIntegration) -> &str {
+    si.metadata.name.as_deref().unwrap_or_default()
+}
+
+/// The labels of every child, and the selector of the ingest pods.
+pub fn labels(si: &SegmentIntegration) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            "app.kubernetes.io/name".to_owned(),
+            "sluice-ingest".to_owned(),
+        ),
+        ("app.kubernetes.io/instance".to_owned(), name(si).to_owned()),
+        (
+            "app.kubernetes.io/managed-by".to_owned(),
+            "sluice-operator".to_owned(),
+        ),
+        (INTEGRATION_LABEL.to_owned(), name(si).to_owned()),
+    ])
+}
+
+fn owner(si: &SegmentIntegration) -> Result<OwnerReference, BuildError> {
+    if si.metadata.uid.is_none() {
+        return Err(BuildError::Incomplete("uid"));
+    }
+    si.controller_owner_ref(&())
+        .ok_or(BuildError::Incomplete("name"))
+}
+
+fn metadata(si: &SegmentIntegration, name: String) -> Result<ObjectMeta, BuildError> {
+    Ok(ObjectMeta {
+        name: Some(name),
+        namespace: Some(
+            si.metadata
+                .namespace
+                .clone()
+                .ok_or(BuildError::Incomplete("namespace"))?,
+        ),
+        labels: Some(labels(si)),
+        owner_references: Some(vec![owner(si)?]),
+        ..ObjectMeta::default()
+    })
+}
+
+/// The webhook URL to give Segment: the Ingress host over HTTPS when there is one, else the
+/// in-cluster Service.
+pub fn webhook_url(si: &SegmentIntegration) -> String {
+    match &si.spec.exposure.ingress {
+        Some(ingress) => format!("https://{}/v1/webhook", ingress.host),
+        None => format!(
+            "http://{}.{}.svc.cluster.local/v1/webhook",
+            ingest_name(si),
+            si.metadata.namespace.as_deref().unwrap_or("default")
+        ),
+    }
+}
+
+/// The credentials Secret with the given shared secret and API key. The controller creates it
+/// once and never patches it, so the credentials Segment holds stay valid.
+pub fn credentials_secret(
+    si: &SegmentIntegration,
+    shared_secret: &str,
+    api_key: &str,
+) -> Result<Secret, BuildError> {
+    Ok(Secret {
+        metadata: metadata(si, credentials_name(si))?,
+        type_: Some("Opaque".to_owned()),
+        string_data: Some(BTreeMap::from([
+            (SHARED_SECRET_KEY.to_owned(), shared_secret.to_owned()),
+            (API_KEY_KEY.to_owned(), api_key.to_owned()),
+            (WEBHOOK_URL_KEY.to_owned(), webhook_url(si)),
+        ])),
+        ..Secret::default()
+    })
+}
+
+fn env(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value: Some(value.into()),
+        ..EnvVar::default()
+    }
+}
+
+fn env_from_secret(name: &str, secret: &str, key: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret.to_owned(),
+                key: key.to_owned(),
+                optional: Some(false),
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+/// The environment of the ingest container: every setting of `sluice-ingest`, secrets by
+/// reference.
+pub fn ingest_env(si: &SegmentIntegration, inputs: &Inputs) -> Vec<EnvVar> {
+    let url = &si.spec.destination.url_secret_ref;
+    let tables: Vec<&str> = si.tables().iter().map(|t| t.name()).collect();
+    vec![
+        env_from_secret("SLUICE_DATABASE_URL", &url.name, &url.key),
+        env_from_secret(
+            "SLUICE_SHARED_SECRET",
+            &credentials_name(si),
+            SHARED_SECRET_KEY,
+        ),
+        env_from_secret("SLUICE_API_KEY", &credentials_name(si), API_KEY_KEY),
+        env("SLUICE_SCHEMA", inputs.schema.clone()),
+        env("SLUICE_TABLES", tables.join(",")),
+        env("SLUICE_LISTEN", format!("0.0.0.0:{INGEST_PORT}")),
+        env(
+            "SLUICE_MAX_BATCH_ROWS",
+            si.spec.loading.max_batch_rows.to_string(),
+        ),
+        env(
+            "SLUICE_MAX_BATCH_DELAY",
+            si.spec.loading.max_batch_delay.clone(),
+        ),
+    ]
+}
+
+fn probe(path: &str, failure_threshold: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::String("http".to_owned()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(10),
+        timeout_seconds: Some(2),
+        failure_threshold: Some(failure_threshold),
+        ..Probe::default()
+    }
+}
+
+fn resources(si: &SegmentIntegration) -> Option<ResourceRequirements> {
+    let spec = si.spec.ingest.resources.as_ref()?;
+    let quantities = |map: &BTreeMap<String, String>| {
+        (!map.is_empty()).then(|| {
+            map.iter()
+                .map(|(k, v)| (k.clone(), Quantity(v.clone())))
+                .collect()
+        })
+    };
+    Some(ResourceRequirements {
+        requests: quantities(&spec.requests),
+        limits: quantities(&spec.limits),
+        ..ResourceRequirements::default()
+    })
+}
+
+/// The ingest Deployment: `sluice-ingest` configured by environment, probed on `/readyz` and
+/// `/healthz`, non-root with a read-only root filesystem.
+pub fn deployment(si: &SegmentIntegration, inputs: &Inputs) -> Result<Deployment, BuildError> {
+    let labels = labels(si);
+    let image = si
+        .spec
+        .ingest
+        .image
+        .clone()
+        .unwrap_or_else(|| inputs.default_image.clone());
+    let container = Container {
+        name: CONTAINER_NAME.to_owned(),
+        image: Some(image),
+        command: Some(vec!["sluice-ingest".to_owned()]),
+        env: Some(ingest_env(si, inputs)),
+        ports: Some(vec![ContainerPort {
+            name: Some("http".to_owned()),
+            container_port: INGEST_PORT,
+            protocol: Some("TCP".to_owned()),
+            ..ContainerPort::default()
+        }]),
+        readiness_probe: Some(probe("/readyz", 3)),
+        liveness_probe: Some(probe("/healthz", 6)),
+        resources: resources(si),
+        security_context: Some(SecurityContext {
+            run_as_non_root: Some(true),
+            read_only_root_filesystem: Some(true),
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_owned()]),
+                ..Capabilities::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        ..Container::default()
+    };
+    Ok(Deployment {
+        metadata: metadata(si, ingest_name(si))?,
+        spec: Some(DeploymentSpec {
+            // With autoscaling the HPA owns the replica count; leaving it out of the applied
+            // object keeps the operator from fighting it.
+            replicas: si
+                .spec
+                .ingest
+                .autoscaling
+                .is_none()
+                .then_some(si.spec.ingest.replicas),
+            selector: LabelSelector {
+                match_labels: Some(labels.clone()),
+                ..LabelSelector::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    automount_service_account_token: Some(false),
+                    // The ingest writes nothing to disk, and stops within its batch delay.
+                    termination_grace_period_seconds: Some(30),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(65_532),
+                        run_as_group: Some(65_532),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".to_owned(),
+                            ..SeccompProfile::default()
+                        }),
+                        ..PodSecurityContext::default()
+                    }),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        }),
+        status: None,
+    })
+}
+
+/// The Service in front of the ingest pods: port 80 to the container's 8080.
+pub fn service(si: &SegmentIntegration) -> Result<Service, BuildError> {
+    Ok(Service {
+        metadata: metadata(si, ingest_name(si))?,
+        spec: Some(ServiceSpec {
+            selector: Some(labels(si)),
+            ports: Some(vec![ServicePort {
+                name: Some("http".to_owned()),
+                port: SERVICE_PORT,
+                target_port: Some(IntOrString::String("http".to_owned())),
+                protocol: Some("TCP".to_owned()),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    })
+}
+
+/// The Ingress routing `/v1/webhook` of the configured host to the Service, when
+/// `spec.exposure.ingress` is set.
+pub fn ingress(si: &SegmentIntegration) -> Result<Option<Ingress>, BuildError> {
+    let Some(spec) = &si.spec.exposure.ingress else {
+        return Ok(None);
+    };
+    let mut metadata = metadata(si, ingest_name(si))?;
+    if !spec.annotations.is_empty() {
+        metadata.annotations = Some(spec.annotations.clone());
+    }
+    Ok(Some(Ingress {
+        metadata,
+        spec: Some(K8sIngressSpec {
+            ingress_class_name: spec.class_name.clone(),
+            tls: spec.tls_secret_name.as_ref().map(|secret| {
+                vec![IngressTLS {
+                    hosts: Some(vec![spec.host.clone()]),
+                    secret_name: Some(secret.clone()),
+                }]
+            }),
+            rules: Some(vec![IngressRule {
+                host: Some(spec.host.clone()),
+                http: Some(HTTPIngressRuleValue {
+                    paths: vec![HTTPIngressPath {
+                        path: Some("/v1/webhook".to_owned()),
+                        path_type: "Exact".to_owned(),
+                        backend: IngressBackend {
+                            service: Some(IngressServiceBackend {
+                                name: ingest_name(si),
+                                port: Some(ServiceBackendPort {
+                                    name: Some("http".to_owned()),
+                                    ..ServiceBackendPort::default()
+                                }),
+                            }),
+                            ..IngressBackend::default()
+                        },
+                    }],
+                }),
+            }]),
+            ..K8sIngressSpec::default()
+        }),
+        status: None,
+    }))
+}
+
+/// The HorizontalPodAutoscaler of the ingest Deployment, when `spec.ingest.autoscaling` is set.
+pub fn autoscaler(si: &SegmentIntegration) -> Result<Option<HorizontalPodAutoscaler>, BuildError> {
+    let Some(spec) = &si.spec.ingest.autoscaling else {
+        return Ok(None);
+    };
+    Ok(Some(HorizontalPodAutoscaler {
+        metadata: metadata(si, ingest_name(si))?,
+        spec: Some(HorizontalPodAutoscalerSpec {
+            scale_target_ref: CrossVersionObjectReference {
+                api_version: Some("apps/v1".to_owned()),
+                kind: "Deployment".to_owned(),
+                name: ingest_name(si),
+            },
+            min_replicas: Some(spec.min_replicas),
+            max_replicas: spec.max_replicas,
+            metrics: Some(vec![MetricSpec {
+                type_: "Resource".to_owned(),
+                resource: Some(ResourceMetricSource {
+                    name: "cpu".to_owned(),
+                    target: MetricTarget {
+                        type_: "Utilization".to_owned(),
+                        average_utilization: Some(spec.target_cpu_utilization_percentage),
+                        ..MetricTarget::default()
+                    },
+                }),
+                ..MetricSpec::default()
+            }]),
+            ..HorizontalPodAutoscalerSpec::default()
+        }),
+        status: None,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{Autoscaling, IngressSpec, Resources};
+
+    fn integration(spec: serde_json::Value) -> SegmentIntegration {
+        let mut si =
+            SegmentIntegration::new("shop", serde_json::from_value(spec).expect("a valid spec"));
+        si.metadata.namespace = Some("team-a".to_owned());
+        si.metadata.uid = Some("0000-1111".to_owned());
+        si
+    }
+
+    fn basic() -> SegmentIntegration {
+        integration(serde_json::json!({
+            "displayName": "Shop Events",
+            "destination": {"urlSecretRef": {"name": "warehouse", "key": "dsn"}},
+            "loading": {"maxBatchRows": 500, "maxBatchDelay": "20ms"},
+        }))
+    }
+
+    fn inputs() -> Inputs {
+        Inputs {
+            schema: "shop_events".to_owned(),
+            default_image: "sluice-ingest:test".to_owned(),
+        }
+    }
+
+    fn env_value(env: &[EnvVar], name: &str) -> Option<String> {
+        env.iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value.clone())
+    }
+
+    fn env_secret(env: &[EnvVar], name: &str) -> Option<(String, String)> {
+        let selector = env
+            .iter()
+            .find(|e| e.name == name)?
+            .value_from
+            .as_ref()?
+            .secret_key_ref
+            .as_ref()?;
+        Some((selector.name.clone(), selector.key.clone()))
+    }
+
+    #[test]
+    fn every_child_has_a_controller_owner_reference_and_labels() {
+        let si = basic();
+        let deployment = deployment(&si, &inputs()).expect("deployment");
+        let owners = deployment.metadata.owner_references.expect("owners");
+        assert_eq!(owners.len(), 1);
+        assert_eq!(owners[0].controller, Some(true));
+        assert_eq!(owners[0].kind, "SegmentIntegration");
+        assert_eq!(owners[0].uid, "0000-1111");
+        let service = service(&si).expect("service");
+        assert_eq!(
+            service.metadata.labels.expect("labels")[INTEGRATION_LABEL],
+            "shop"
+        );
+    }
+
+    #[test]
+    fn an_object_not_read_from_the_server_cannot_be_built() {
+        let mut si = basic();
+        si.metadata.uid = None;
+        assert_eq!(
+            service(&si).expect_err("no uid"),
+            BuildError::Incomplete("uid")
+        );
+    }
+
+    #[test]
+    fn deployment_configures_sluice_ingest_by_environment() {
+        let deployment = deployment(&basic(), &inputs()).expect("deployment");
+        let spec = deployment.spec.expect("spec");
+        assert_eq!(spec.replicas, Some(2));
+        let pod = spec.template.spec.expect("pod");
+        let container = &pod.containers[0];
+        assert_eq!(container.image.as_deref(), Some("sluice-ingest:test"));
+        assert_eq!(container.command, Some(vec!["sluice-ingest".to_owned()]));
+        let env = container.env.clone().expect("env");
+        assert_eq!(
+            env_secret(&env, "SLUICE_DATABASE_URL"),
+            Some(("warehouse".to_owned(), "dsn".to_owned()))
+        );
+        assert_eq!(
+            env_secret(&env, "SLUICE_SHARED_SECRET"),
+            Some(("shop-credentials".to_owned(), SHARED_SECRET_KEY.to_owned()))
+        );
+        assert_eq!(
+            env_secret(&env, "SLUICE_API_KEY"),
+            Some(("shop-credentials".to_owned(), API_KEY_KEY.to_owned()))
+        );
+        assert_eq!(
+            env_value(&env, "SLUICE_SCHEMA").as_deref(),
+            Some("shop_events")
+        );
+        assert_eq!(
+            env_value(&env, "SLUICE_TABLES").as_deref(),
+            Some("group,identify,page,screen,track")
+        );
+        assert_eq!(
+            env_value(&env, "SLUICE_LISTEN").as_deref(),
+            Some("0.0.0.0:8080")
+        );
+        assert_eq!(
+            env_value(&env, "SLUICE_MAX_BATCH_ROWS").as_deref(),
+            Some("500")
+        );
+        assert_eq!(
+            env_value(&env, "SLUICE_MAX_BATCH_DELAY").as_deref(),
+            Some("20ms")
+        );
+        let readiness = container.readiness_probe.clone().expect("readiness");
+        assert_eq!(
+            readiness.http_get.expect("http").path.as_deref(),
+            Some("/readyz")
+        );
+        let liveness = container.liveness_probe.clone().expect("liveness");
+        assert_eq!(
+            liveness.http_get.expect("http").path.as_deref(),
+            Some("/healthz")
+        );
+        let security = container.security_context.clone().expect("security");
+        assert_eq!(security.run_as_non_root, Some(true));
+        assert_eq!(security.read_only_root_filesystem, Some(true));
+        assert_eq!(security.allow_privilege_escalation, Some(false));
+    }
+
+    #[test]
+    fn spec_image_and_resources_reach_the_container() {
+        let mut si = basic();
+        si.spec.ingest.image = Some("registry.local/sluice-ingest:1.2".to_owned());
+        si.spec.ingest.resources = Some(Resources {
+            requests: BTreeMap::from([("cpu".to_owned(), "100m".to_owned())]),
+            limits: BTreeMap::from([("memory".to_owned(), "128Mi".to_owned())]),
+        });
+        let deployment = deployment(&si, &inputs()).expect("deployment");
+        let container = &deployment
+            .spec
+            .expect("spec")
+            .template
+            .spec
+            .expect("pod")
+            .containers[0];
+        assert_eq!(
+            container.image.as_deref(),
+            Some("registry.local/sluice-ingest:1.2")
+        );
+        let resources = container.resources.clone().expect("resources");
+        assert_eq!(
+            resources.requests.expect("requests")["cpu"],
+            Quantity("100m".to_owned())
+        );
+        assert_eq!(
+            resources.limits.expect("limits")["memory"],
+            Quantity("128Mi".to_owned())
+        );
+    }
+
+    #[test]
+    fn service_maps_port_80_to_the_container_port() {
+        let service = service(&basic()).expect("service");
+        let spec = service.spec.expect("spec");
+        let port = &spec.ports.expect("ports")[0];
+        assert_eq!(port.port, 80);
+        assert_eq!(
+            port.target_port,
+            Some(IntOrString::String("http".to_owned()))
+        );
+        assert_eq!(spec.selector, Some(labels(&basic())));
+    }
+
+    #[test]
+    fn without_ingress_the_webhook_url_is_the_services() {
+        let si = basic();
+        assert_eq!(ingress(&si).expect("built"), None);
+        assert_eq!(
+            webhook_url(&si),
+            "http://shop-ingest.team-a.svc.cluster.local/v1/webhook"
+        );
+    }
+
+    #[test]
+    fn ingress_routes_the_webhook_of_its_host_with_tls() {
+        let mut si = basic();
+        si.spec.exposure.ingress = Some(IngressSpec {
+            host: "hooks.example.com".to_owned(),
+            class_name: Some("nginx".to_owned()),
+            tls_secret_name: Some("hooks-tls".to_owned()),
+            annotations: BTreeMap::from([("a".to_owned(), "b".to_owned())]),
+        });
+        assert_eq!(webhook_url(&si), "https://hooks.example.com/v1/webhook");
+        let ingress = ingress(&si).expect("built").expect("an ingress");
+        assert_eq!(
+            ingress.metadata.annotations,
+            Some(BTreeMap::from([("a".to_owned(), "b".to_owned())]))
+        );
+        let spec = ingress.spec.expect("spec");
+        assert_eq!(spec.ingress_class_name.as_deref(), Some("nginx"));
+        assert_eq!(
+            spec.tls.expect("tls")[0].secret_name.as_deref(),
+            Some("hooks-tls")
+        );
+        let rule = &spec.rules.expect("rules")[0];
+        assert_eq!(rule.host.as_deref(), Some("hooks.example.com"));
+        let path = &rule.http.as_ref().expect("http").paths[0];
+        assert_eq!(path.path.as_deref(), Some("/v1/webhook"));
+        assert_eq!(
+            path.backend.service.as_ref().expect("service").name,
+            "shop-ingest"
+        );
+    }
+
+    #[test]
+    fn autoscaling_adds_an_hpa_and_leaves_replicas_to_it() {
+        let mut si = basic();
+        assert_eq!(autoscaler(&si).expect("built"), None);
+        si.spec.ingest.autoscaling = Some(Autoscaling {
+            min_replicas: 2,
+            max_replicas: 10,
+            target_cpu_utilization_percentage: 70,
+        });
+        let hpa = autoscaler(&si).expect("built").expect("an hpa");
+        let spec = hpa.spec.expect("spec");
+        assert_eq!(spec.min_replicas, Some(2));
+        assert_eq!(spec.max_replicas, 10);
+        assert_eq!(spec.scale_target_ref.name, "shop-ingest");
+        let deployment = deployment(&si, &inputs()).expect("deployment");
+        assert_eq!(deployment.spec.expect("spec").replicas, None);
+    }
+
+    #[test]
+    fn credentials_secret_holds_both_credentials_and_the_url() {
+        let secret = credentials_secret(&basic(), "s3cret", "k3y").expect("secret");
+        assert_eq!(secret.metadata.name.as_deref(), Some("shop-credentials"));
+        let data = secret.string_data.expect("data");
+        assert_eq!(data[SHARED_SECRET_KEY], "s3cret");
+        assert_eq!(data[API_KEY_KEY], "k3y");
+        assert_eq!(
+            data[WEBHOOK_URL_KEY],
+            "http://shop-ingest.team-a.svc.cluster.local/v1/webhook"
+        );
+    }
+}

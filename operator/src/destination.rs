@@ -1,0 +1,189 @@
+//! The warehouse side of an integration: reading its URL from the user's Secret, and creating,
+//! reporting on and dropping its schema through the ingest library (the same DDL the ingest
+//! service runs).
+//!
+//! Failures come back as [`Observation`]s: a reason and a sentence that say what to fix, ready to
+//! go into the `SchemaReady` condition.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::{Api, Client};
+use sluice_ingest::event::Table;
+use sluice_ingest::load::{LoadError, Warehouse};
+
+use crate::crd::{SecretKeyRef, TableReport};
+use crate::status::Observation;
+
+/// The longest a reconcile waits on the database, so one unreachable warehouse cannot hold a
+/// reconcile worker for long.
+pub const DATABASE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Reads the database URL from `reference` in `namespace`.
+pub async fn url(
+    client: &Client,
+    namespace: &str,
+    reference: &SecretKeyRef,
+) -> Result<String, Observation> {
+    let secrets = Api::<Secret>::namespaced(client.clone(), namespace);
+    let secret = match secrets.get_opt(&reference.name).await {
+        Ok(Some(secret)) => secret,
+        Ok(None) => {
+            return Err(Observation::failed(
+                "SecretNotFound",
+                format!(
+                    "Secret {namespace}/{} named by spec.destination.urlSecretRef does not exist; \
+                     create it with the database URL under key {:?}",
+                    reference.name, reference.key
+                ),
+            ));
+        }
+        Err(kube::Error::Api(status)) if status.code == 403 => {
+            return Err(Observation::failed(
+                "SecretForbidden",
+                format!(
+                    "the operator may not read Secret {namespace}/{}: grant it get on secrets in \
+                     this namespace",
+                    reference.name
+                ),
+            ));
+        }
+        Err(error) => {
+            return Err(Observation::failed(
+                "SecretUnreadable",
+                format!(
+                    "reading Secret {namespace}/{} failed: {error}",
+                    reference.name
+                ),
+            ));
+        }
+    };
+    let value = secret
+        .data
+        .as_ref()
+        .and_then(|data| data.get(&reference.key))
+        .ok_or_else(|| {
+            Observation::failed(
+                "SecretKeyNotFound",
+                format!(
+                    "Secret {namespace}/{} has no key {:?}; put the database URL \
+                     (postgres://user:password@host:port/database) under that key, or set \
+                     spec.destination.urlSecretRef.key",
+                    reference.name, reference.key
+                ),
+            )
+        })?;
+    let url = String::from_utf8(value.0.clone()).map_err(|_| {
+        Observation::failed(
+            "InvalidDatabaseUrl",
+            format!(
+                "key {:?} of Secret {namespace}/{} is not UTF-8 text",
+                reference.key, reference.name
+            ),
+        )
+    })?;
+    Ok(url.trim().to_owned())
+}
+
+fn warehouse(url: &str, schema: &str) -> Result<Warehouse, Observation> {
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(Observation::failed(
+            "InvalidDatabaseUrl",
+            "the database URL must start with postgres:// or postgresql:// (an ingest Deployment \
+             cannot share a SQLite file); fix the value in the Secret named by \
+             spec.destination.urlSecretRef",
+        ));
+    }
+    Warehouse::connect(url, schema, 1).map_err(|error| load_failure(&error))
+}
+
+/// The condition for a failure of the ingest library. The error's text never contains the URL
+/// (sqlx leaves the password out of its messages).
+fn load_failure(error: &LoadError) -> Observation {
+    match error {
+        LoadError::BadUrl(_) => Observation::failed(
+            "InvalidDatabaseUrl",
+            "the database URL in the Secret named by spec.destination.urlSecretRef is not a \
+             valid postgres:// URL",
+        ),
+        LoadError::Schema(invalid) => Observation::failed("InvalidSchema", invalid.to_string()),
+        LoadError::Unavailable(message) => Observation::failed(
+            "DatabaseUnavailable",
+            format!(
+                "the database cannot be reached ({message}); check the host and port in the URL \
+                 and that the database accepts connections from the cluster"
+            ),
+        ),
+        other => Observation::failed(
+            "DatabaseError",
+            format!("the database refused to create the schema: {other}; check the role's rights"),
+        ),
+    }
+}
+
+fn timed_out() -> Observation {
+    Observation::failed(
+        "DatabaseUnavailable",
+        format!(
+            "the database did not answer within {DATABASE_TIMEOUT:?}; check the host and port in \
+             the URL and that the database accepts connections from the cluster"
+        ),
+    )
+}
+
+/// Creates the schema and the selected tables (a no-op when they exist) and reports the tables
+/// with their column counts.
+pub async fn ensure_schema(
+    url: &str,
+    schema: &str,
+    tables: &[Table],
+) -> Result<Vec<TableReport>, Observation> {
+    let warehouse = warehouse(url, schema)?;
+    let work = async {
+        warehouse.ensure_schema(tables).await?;
+        warehouse.table_report().await
+    };
+    let report = tokio::time::timeout(DATABASE_TIMEOUT, work)
+        .await
+        .map_err(|_elapsed| timed_out())?
+        .map_err(|error| load_failure(&error))?;
+    Ok(report
+        .into_iter()
+        .map(|(table, columns)| TableReport {
+            name: table.name().to_owned(),
+            columns: i64::try_from(columns).unwrap_or(i64::MAX),
+        })
+        .collect())
+}
+
+/// Drops the schema and every row in it.
+pub async fn drop_schema(url: &str, schema: &str) -> Result<(), Observation> {
+    let warehouse = warehouse(url, schema)?;
+    tokio::time::timeout(DATABASE_TIMEOUT, warehouse.drop_schema())
+        .await
+        .map_err(|_elapsed| timed_out())?
+        .map_err(|error| load_failure(&error))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_postgres_urls_are_accepted() {
+        let refused = warehouse("sqlite://x.db", "segment").expect_err("sqlite refused");
+        assert_eq!(refused.reason, "InvalidDatabaseUrl");
+        let refused = warehouse("mysql://h/db", "segment").expect_err("mysql refused");
+        assert_eq!(refused.reason, "InvalidDatabaseUrl");
+    }
+
+    #[tokio::test]
+    async fn unreachable_database_is_reported_as_unavailable() {
+        // Port 1 on loopback: nothing listens, the connection is refused at once.
+        let refused = ensure_schema("postgres://u:p@127.0.0.1:1/db", "segment", &Table::DEFAULT)
+            .await
+            .expect_err("nothing listens on port 1");
+        assert_eq!(refused.reason, "DatabaseUnavailable");
+        assert!(!refused.message.contains("u:p"), "{}", refused.message);
+    }
+}

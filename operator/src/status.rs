@@ -1,0 +1,271 @@
+//! The status a reconcile reports: conditions from what it observed, with transition times that
+//! move only when a condition's status changes. Pure; `controller` writes the result.
+
+use k8s_openapi::api::apps::v1::Deployment;
+
+use crate::crd::{Condition, ConditionStatus, SegmentIntegrationStatus, TableReport};
+
+/// The condition that sums up the others.
+pub const READY: &str = "Ready";
+/// The destination schema and its tables exist.
+pub const SCHEMA_READY: &str = "SchemaReady";
+/// At least one ingest pod is available.
+pub const INGEST_AVAILABLE: &str = "IngestAvailable";
+
+/// An observed state of one condition: whether it holds, a CamelCase reason, and a sentence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observation {
+    /// Whether the condition holds.
+    pub ok: bool,
+    /// A CamelCase word for programs.
+    pub reason: String,
+    /// What is the case, and what to do when it is not good.
+    pub message: String,
+}
+
+impl Observation {
+    /// A condition that holds.
+    pub fn ok(reason: &str, message: impl Into<String>) -> Self {
+        Observation {
+            ok: true,
+            reason: reason.to_owned(),
+            message: message.into(),
+        }
+    }
+
+    /// A condition that does not hold.
+    pub fn failed(reason: &str, message: impl Into<String>) -> Self {
+        Observation {
+            ok: false,
+            reason: reason.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+/// `IngestAvailable` from the ingest Deployment's status, as the controller manager reports it.
+pub fn ingest_availability(deployment: &Deployment) -> Observation {
+    let name = deployment.metadata.name.as_deref().unwrap_or("ingest");
+    let desired = deployment
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.replicas)
+        .unwrap_or(1);
+    let available = deployment
+        .status
+        .as_ref()
+        .and_then(|status| status.available_replicas)
+        .unwrap_or(0);
+    if available > 0 {
+        Observation::ok(
+            "MinimumReplicasAvailable",
+            format!("{available} of {desired} ingest pods of Deployment {name} are available"),
+        )
+    } else if desired == 0 {
+        Observation::failed(
+            "ScaledToZero",
+            format!(
+                "spec.ingest.replicas is 0, so Deployment {name} runs no pod and no event can arrive"
+            ),
+        )
+    } else {
+        Observation::failed(
+            "NoReplicasAvailable",
+            format!(
+                "no ingest pod of Deployment {name} is available yet (0 of {desired}); if this \
+                 lasts, see `kubectl describe deployment {name}` and the pods' logs"
+            ),
+        )
+    }
+}
+
+/// `Ready` from the other two: true when both hold, else the first failure's reason.
+pub fn readiness(schema: &Observation, ingest: &Observation) -> Observation {
+    match (schema.ok, ingest.ok) {
+        (true, true) => Observation::ok(
+            "Ready",
+            "the schema is ready and the ingest service is available",
+        ),
+        (false, _) => Observation::failed("SchemaNotReady", schema.message.clone()),
+        (true, false) => Observation::failed("IngestUnavailable", ingest.message.clone()),
+    }
+}
+
+/// A condition of `type_` for `observation`, keeping the previous transition time when the
+/// status did not change.
+pub fn condition(
+    type_: &str,
+    observation: &Observation,
+    generation: Option<i64>,
+    previous: &[Condition],
+    now: &str,
+) -> Condition {
+    let status = if observation.ok {
+        ConditionStatus::True
+    } else {
+        ConditionStatus::False
+    };
+    let last_transition_time = previous
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map_or_else(|| now.to_owned(), |c| c.last_transition_time.clone());
+    Condition {
+        type_: type_.to_owned(),
+        status,
+        reason: observation.reason.clone(),
+        message: observation.message.clone(),
+        last_transition_time,
+        observed_generation: generation,
+    }
+}
+
+/// Everything a reconcile observed, to be turned into a status.
+#[derive(Debug, Clone)]
+pub struct Observed {
+    /// The resource's `metadata.generation`.
+    pub generation: Option<i64>,
+    /// The schema in use.
+    pub schema: String,
+    /// The webhook URL.
+    pub webhook_url: String,
+    /// The credentials Secret's name.
+    pub credentials_secret: String,
+    /// `SchemaReady`.
+    pub schema_ready: Observation,
+    /// `IngestAvailable`.
+    pub ingest_available: Observation,
+    /// The loading report, when the destination answered; `None` keeps the previous report.
+    pub tables: Option<Vec<TableReport>>,
+}
+
+/// The new status from what was observed and the previous status.
+pub fn status(
+    observed: &Observed,
+    previous: Option<&SegmentIntegrationStatus>,
+    now: &str,
+) -> SegmentIntegrationStatus {
+    let old = previous.map(|s| s.conditions.as_slice()).unwrap_or(&[]);
+    let ready = readiness(&observed.schema_ready, &observed.ingest_available);
+    let conditions = [
+        (READY, &ready),
+        (SCHEMA_READY, &observed.schema_ready),
+        (INGEST_AVAILABLE, &observed.ingest_available),
+    ]
+    .into_iter()
+    .map(|(type_, observation)| condition(type_, observation, observed.generation, old, now))
+    .collect();
+    SegmentIntegrationStatus {
+        observed_generation: observed.generation,
+        conditions,
+        schema: Some(observed.schema.clone()),
+        webhook_url: Some(observed.webhook_url.clone()),
+        credentials_secret: Some(observed.credentials_secret.clone()),
+        tables: observed
+            .tables
+            .clone()
+            .or_else(|| previous.map(|s| s.tables.clone()))
+            .unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::apps::v1::{DeploymentSpec, DeploymentStatus};
+
+    use super::*;
+
+    fn observed(schema_ok: bool, ingest_ok: bool) -> Observed {
+        Observed {
+            generation: Some(3),
+            schema: "shop".to_owned(),
+            webhook_url: "http://x/v1/webhook".to_owned(),
+            credentials_secret: "shop-credentials".to_owned(),
+            schema_ready: if schema_ok {
+                Observation::ok("SchemaReady", "ok")
+            } else {
+                Observation::failed("SecretNotFound", "create the secret")
+            },
+            ingest_available: if ingest_ok {
+                Observation::ok("MinimumReplicasAvailable", "ok")
+            } else {
+                Observation::failed("NoReplicasAvailable", "wait")
+            },
+            tables: None,
+        }
+    }
+
+    #[test]
+    fn ready_needs_both_and_names_the_first_failure() {
+        let status = status(&observed(false, true), None, "t1");
+        let ready = &status.conditions[0];
+        assert_eq!(ready.type_, READY);
+        assert_eq!(ready.status, ConditionStatus::False);
+        assert_eq!(ready.reason, "SchemaNotReady");
+        assert_eq!(ready.message, "create the secret");
+        assert_eq!(ready.observed_generation, Some(3));
+        let all_good = super::status(&observed(true, true), None, "t1");
+        assert!(
+            all_good
+                .conditions
+                .iter()
+                .all(|c| c.status == ConditionStatus::True)
+        );
+    }
+
+    #[test]
+    fn transition_time_moves_only_when_the_status_changes() {
+        let first = status(&observed(true, false), None, "t1");
+        let same = status(&observed(true, false), Some(&first), "t2");
+        assert!(
+            same.conditions
+                .iter()
+                .all(|c| c.last_transition_time == "t1")
+        );
+        let changed = status(&observed(true, true), Some(&same), "t3");
+        let time = |type_: &str| {
+            changed
+                .conditions
+                .iter()
+                .find(|c| c.type_ == type_)
+                .map(|c| c.last_transition_time.clone())
+        };
+        assert_eq!(time(SCHEMA_READY).as_deref(), Some("t1"));
+        assert_eq!(time(INGEST_AVAILABLE).as_deref(), Some("t3"));
+        assert_eq!(time(READY).as_deref(), Some("t3"));
+    }
+
+    #[test]
+    fn table_report_is_kept_while_the_destination_is_unreachable() {
+        let mut with_tables = observed(true, true);
+        with_tables.tables = Some(vec![TableReport {
+            name: "track".to_owned(),
+            columns: 12,
+        }]);
+        let first = status(&with_tables, None, "t1");
+        let later = status(&observed(false, true), Some(&first), "t2");
+        assert_eq!(later.tables, first.tables);
+    }
+
+    #[test]
+    fn availability_follows_the_deployment_status() {
+        let mut deployment = Deployment {
+            spec: Some(DeploymentSpec {
+                replicas: Some(2),
+                ..DeploymentSpec::default()
+            }),
+            ..Deployment::default()
+        };
+        assert_eq!(
+            ingest_availability(&deployment).reason,
+            "NoReplicasAvailable"
+        );
+        deployment.status = Some(DeploymentStatus {
+            available_replicas: Some(1),
+            ..DeploymentStatus::default()
+        });
+        assert!(ingest_availability(&deployment).ok);
+        deployment.status = None;
+        deployment.spec.as_mut().expect("spec").replicas = Some(0);
+        assert_eq!(ingest_availability(&deployment).reason, "ScaledToZero");
+    }
+}

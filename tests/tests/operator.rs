@@ -1,0 +1,1038 @@
+//! The operator against a real API server and a real PostgreSQL (issue 4): each test runs the
+//! controller in-process, watching a namespace of the test's own, and checks what it made in the
+//! API server and in the warehouse.
+//!
+//! No kubelet or controller manager runs here: Deployments get no pods (a test patches their
+//! status as the controller manager would), and owner references are never garbage-collected
+//! (deletion is proven through the operator's finalizer).
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Container, Secret, Service};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::networking::v1::Ingress;
+use k8s_openapi::api::rbac::v1::{ClusterRole, RoleBinding, RoleRef, Subject};
+use kube::api::{
+    ApiResource, DeleteParams, DynamicObject, ObjectMeta, Patch, PatchParams, PostParams,
+};
+use kube::{Api, Client, CustomResourceExt};
+use serde_json::{Value, json};
+use sluice_ingest::load::Warehouse;
+use sluice_ingest::protocol::sign;
+use sluice_operator::crd::{
+    Condition, ConditionStatus, DISPLAY_NAME_IMMUTABLE_MESSAGE, SCHEMA_IMMUTABLE_MESSAGE,
+};
+use sluice_operator::leader::{self, Settings};
+use sluice_operator::metrics::{self, Metrics};
+use sluice_operator::{SegmentIntegration, controller};
+use sluice_tests::ingest::Process;
+use sluice_tests::kube::{
+    TestNamespace, admin_client, apply_crd, restricted_client, restricted_user,
+};
+use sluice_tests::postgres::fresh_database;
+use tokio::sync::oneshot;
+
+/// How long a test waits for the operator. Generous: the machine may be busy building.
+const EVENTUAL: Duration = Duration::from_secs(90);
+
+/// The image the test operator puts in Deployments (nothing pulls it here).
+const IMAGE: &str = "sluice-ingest:test";
+
+/// A namespace of the test's own with the CRD in place and the operator watching it. The
+/// operator stops when this is dropped.
+struct Harness {
+    client: Client,
+    namespace: String,
+    metrics: Arc<Metrics>,
+    _stop: oneshot::Sender<()>,
+}
+
+impl Harness {
+    async fn start(prefix: &str) -> Harness {
+        let client = admin_client().await.expect("admin client");
+        let namespace = Self::namespace(&client, prefix).await;
+        Self::start_operator(client.clone(), client, namespace, prefix)
+    }
+
+    /// A namespace of the test's own, with the CRD applied.
+    async fn namespace(client: &Client, prefix: &str) -> String {
+        apply_crd(client, &SegmentIntegration::crd())
+            .await
+            .expect("the SegmentIntegration CRD is accepted and Established");
+        TestNamespace::create(client, prefix)
+            .await
+            .expect("test namespace")
+            .name()
+            .to_owned()
+    }
+
+    /// Runs the operator with `operator_client`; the test acts with `client`.
+    fn start_operator(
+        client: Client,
+        operator_client: Client,
+        namespace: String,
+        prefix: &str,
+    ) -> Harness {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let config = controller::Config {
+            namespace: Some(namespace.clone()),
+            ingest_image: IMAGE.to_owned(),
+            instance: Some(format!("test-{prefix}")),
+            concurrency: 4,
+        };
+        let metrics = Arc::new(Metrics::default());
+        tokio::spawn(controller::run(
+            operator_client,
+            config,
+            metrics.clone(),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        Harness {
+            client,
+            namespace,
+            metrics,
+            _stop: stop,
+        }
+    }
+
+    fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        K::DynamicType: Default,
+    {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    fn integrations(&self) -> Api<SegmentIntegration> {
+        self.api()
+    }
+
+    /// Creates (or replaces the value of) the Secret `name` with `url` under key `url`.
+    async fn put_url_secret(&self, name: &str, url: &str) {
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some(name.to_owned()),
+                ..ObjectMeta::default()
+            },
+            string_data: Some(BTreeMap::from([("url".to_owned(), url.to_owned())])),
+            ..Secret::default()
+        };
+        self.api::<Secret>()
+            .patch(
+                name,
+                &PatchParams::apply("sluice-tests").force(),
+                &Patch::Apply(secret),
+            )
+            .await
+            .expect("apply the warehouse Secret");
+    }
+
+    /// Creates a SegmentIntegration from the JSON of its spec.
+    async fn create(&self, name: &str, spec: Value) -> SegmentIntegration {
+        self.integrations()
+            .create(&PostParams::default(), &integration(name, spec))
+            .await
+            .expect("create the SegmentIntegration")
+    }
+
+    /// Merge-patches the spec of `name`.
+    async fn patch_spec(&self, name: &str, spec: Value) -> Result<SegmentIntegration, kube::Error> {
+        self.integrations()
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "spec": spec })),
+            )
+            .await
+    }
+
+    /// Waits until the integration `name` has condition `type_` with `status`, and returns it.
+    async fn wait_condition(
+        &self,
+        name: &str,
+        type_: &str,
+        status: ConditionStatus,
+    ) -> SegmentIntegration {
+        let api = self.integrations();
+        eventually(&format!("{name} to have {type_}={status:?}"), || async {
+            let si = api.get(name).await.ok()?;
+            let found = condition(&si, type_)?;
+            (found.status == status).then_some(si)
+        })
+        .await
+    }
+}
+
+fn integration(name: &str, spec: Value) -> SegmentIntegration {
+    serde_json::from_value(json!({
+        "apiVersion": "sluice.dev/v1alpha1",
+        "kind": "SegmentIntegration",
+        "metadata": {"name": name},
+        "spec": spec,
+    }))
+    .expect("a SegmentIntegration")
+}
+
+fn condition(si: &SegmentIntegration, type_: &str) -> Option<Condition> {
+    si.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .cloned()
+}
+
+/// Polls `probe` until it returns `Some`, for at most [`EVENTUAL`].
+async fn eventually<T, F, Fut>(what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + EVENTUAL;
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {EVENTUAL:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The API error status of a request that must fail.
+fn api_status<T: std::fmt::Debug>(result: Result<T, kube::Error>) -> kube::core::Status {
+    match result {
+        Err(kube::Error::Api(status)) => *status,
+        other => panic!("expected an error answer from the API server, got {other:?}"),
+    }
+}
+
+fn container(deployment: &Deployment) -> Container {
+    deployment
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.template.spec.as_ref())
+        .map(|pod| pod.containers[0].clone())
+        .expect("a pod template with a container")
+}
+
+fn env_value(container: &Container, name: &str) -> Option<String> {
+    container
+        .env
+        .as_ref()?
+        .iter()
+        .find(|e| e.name == name)?
+        .value
+        .clone()
+}
+
+fn secret_value(secret: &Secret, key: &str) -> String {
+    let bytes = secret
+        .data
+        .as_ref()
+        .and_then(|data| data.get(key))
+        .unwrap_or_else(|| panic!("key {key} in Secret {:?}", secret.metadata.name));
+    String::from_utf8(bytes.0.clone()).expect("UTF-8")
+}
+
+/// The tables of `schema` in the database at `url`.
+async fn tables_in(url: &str, schema: &str) -> Vec<String> {
+    let warehouse = Warehouse::connect(url, schema, 1).expect("warehouse");
+    sqlx::query_scalar(
+        "SELECT table_name::text FROM information_schema.tables WHERE table_schema = $1 \
+         ORDER BY 1",
+    )
+    .bind(schema)
+    .fetch_all(warehouse.postgres_pool().expect("postgres"))
+    .await
+    .expect("list tables")
+}
+
+fn spec_for(secret: &str) -> Value {
+    json!({"destination": {"urlSecretRef": {"name": secret}}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn integration_provisions_credentials_deployment_service_schema_and_status() {
+    let h = Harness::start("provision").await;
+    let url = fresh_database("operator_provision").await;
+    h.put_url_secret("warehouse", &url).await;
+    h.create(
+        "shop",
+        json!({
+            "displayName": "Shop Events",
+            "destination": {"urlSecretRef": {"name": "warehouse"}},
+            "loading": {"maxBatchRows": 500, "maxBatchDelay": "20ms"},
+        }),
+    )
+    .await;
+
+    let si = h
+        .wait_condition("shop", "SchemaReady", ConditionStatus::True)
+        .await;
+    let uid = si.metadata.uid.clone().expect("uid");
+    let status = si.status.clone().expect("status");
+    assert_eq!(status.schema.as_deref(), Some("shop_events"));
+    assert_eq!(status.observed_generation, si.metadata.generation);
+    assert_eq!(
+        status.credentials_secret.as_deref(),
+        Some("shop-credentials")
+    );
+    assert_eq!(
+        status.webhook_url,
+        Some(format!(
+            "http://shop-ingest.{}.svc.cluster.local/v1/webhook",
+            h.namespace
+        ))
+    );
+    let reported: Vec<&str> = status.tables.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(reported, ["group", "identify", "page", "screen", "track"]);
+    assert!(status.tables.iter().all(|t| t.columns > 5), "{status:?}");
+    assert!(
+        si.metadata
+            .finalizers
+            .as_ref()
+            .is_some_and(|f| f.contains(&controller::FINALIZER.to_owned())),
+        "the finalizer is in place"
+    );
+    // No pods run here, so the ingest is not available yet.
+    let ingest = condition(&si, "IngestAvailable").expect("IngestAvailable");
+    assert_eq!(ingest.status, ConditionStatus::False);
+    assert_eq!(ingest.reason, "NoReplicasAvailable");
+    let ready = condition(&si, "Ready").expect("Ready");
+    assert_eq!(ready.status, ConditionStatus::False);
+    assert_eq!(ready.reason, "IngestUnavailable");
+
+    // The schema and its tables exist in PostgreSQL.
+    assert_eq!(
+        tables_in(&url, "shop_events").await,
+        [
+            "_sdc_rejected",
+            "group",
+            "identify",
+            "page",
+            "screen",
+            "track"
+        ]
+    );
+
+    // Credentials: two random 64-hex-digit values, owned by the integration.
+    let credentials = h
+        .api::<Secret>()
+        .get("shop-credentials")
+        .await
+        .expect("credentials Secret");
+    let shared = secret_value(&credentials, "sharedSecret");
+    let api_key = secret_value(&credentials, "apiKey");
+    assert_eq!(shared.len(), 64);
+    assert_eq!(api_key.len(), 64);
+    assert_ne!(shared, api_key);
+    let owner = &credentials
+        .metadata
+        .owner_references
+        .clone()
+        .expect("owner")[0];
+    assert_eq!(
+        (owner.uid.as_str(), owner.controller),
+        (uid.as_str(), Some(true))
+    );
+
+    // The Deployment, as specified.
+    let deployment = h
+        .api::<Deployment>()
+        .get("shop-ingest")
+        .await
+        .expect("ingest Deployment");
+    let owner = &deployment.metadata.owner_references.clone().expect("owner")[0];
+    assert_eq!(
+        (owner.uid.as_str(), owner.controller),
+        (uid.as_str(), Some(true))
+    );
+    assert_eq!(deployment.spec.as_ref().and_then(|s| s.replicas), Some(2));
+    let c = container(&deployment);
+    assert_eq!(c.image.as_deref(), Some(IMAGE));
+    assert_eq!(c.command, Some(vec!["sluice-ingest".to_owned()]));
+    assert_eq!(c.args, None);
+    let env: Vec<(String, String)> = c
+        .env
+        .clone()
+        .expect("env")
+        .into_iter()
+        .map(|e| {
+            let value = match (e.value, e.value_from) {
+                (Some(v), _) => v,
+                (None, Some(from)) => {
+                    let r = from.secret_key_ref.expect("a secretKeyRef");
+                    format!("secret:{}/{}", r.name, r.key)
+                }
+                (None, None) => String::new(),
+            };
+            (e.name, value)
+        })
+        .collect();
+    let expected: Vec<(String, String)> = [
+        ("SLUICE_DATABASE_URL", "secret:warehouse/url"),
+        (
+            "SLUICE_SHARED_SECRET",
+            "secret:shop-credentials/sharedSecret",
+        ),
+        ("SLUICE_API_KEY", "secret:shop-credentials/apiKey"),
+        ("SLUICE_SCHEMA", "shop_events"),
+        ("SLUICE_TABLES", "group,identify,page,screen,track"),
+        ("SLUICE_LISTEN", "0.0.0.0:8080"),
+        ("SLUICE_MAX_BATCH_ROWS", "500"),
+        ("SLUICE_MAX_BATCH_DELAY", "20ms"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    assert_eq!(env, expected);
+    let readiness = c.readiness_probe.clone().expect("readiness probe");
+    assert_eq!(
+        readiness.http_get.expect("http").path.as_deref(),
+        Some("/readyz")
+    );
+    let liveness = c.liveness_probe.clone().expect("liveness probe");
+    assert_eq!(
+        liveness.http_get.expect("http").path.as_deref(),
+        Some("/healthz")
+    );
+    let security = c.security_context.clone().expect("securityContext");
+    assert_eq!(security.run_as_non_root, Some(true));
+    assert_eq!(security.read_only_root_filesystem, Some(true));
+    assert_eq!(security.allow_privilege_escalation, Some(false));
+
+    // The Service: port 80 to the container's http port, selecting the Deployment's pods.
+    let service = h
+        .api::<Service>()
+        .get("shop-ingest")
+        .await
+        .expect("ingest Service");
+    let spec = service.spec.expect("spec");
+    let port = &spec.ports.expect("ports")[0];
+    assert_eq!(port.port, 80);
+    assert_eq!(
+        spec.selector,
+        deployment
+            .spec
+            .as_ref()
+            .and_then(|s| s.selector.match_labels.clone())
+    );
+
+    // The controller manager reports pods available: IngestAvailable and Ready follow.
+    h.api::<Deployment>()
+        .patch_status(
+            "shop-ingest",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"status": {"replicas": 2, "readyReplicas": 2, "availableReplicas": 2}}),
+            ),
+        )
+        .await
+        .expect("patch the Deployment's status");
+    let si = h
+        .wait_condition("shop", "Ready", ConditionStatus::True)
+        .await;
+    let ingest = condition(&si, "IngestAvailable").expect("IngestAvailable");
+    assert_eq!(ingest.status, ConditionStatus::True);
+    assert_eq!(ingest.reason, "MinimumReplicasAvailable");
+
+    // Events tell what happened, on the integration.
+    let events = h.api::<Event>();
+    eventually("Events about shop", || async {
+        let reasons: Vec<String> = events
+            .list(&Default::default())
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("shop"))
+            .filter_map(|e| e.reason)
+            .collect();
+        [
+            "CredentialsCreated",
+            "SchemaReady",
+            "MinimumReplicasAvailable",
+        ]
+        .iter()
+        .all(|r| reasons.iter().any(|x| x == r))
+        .then_some(())
+    })
+    .await;
+
+    // The operator's /healthz and /metrics.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a loopback port");
+    let base = format!("http://{}", listener.local_addr().expect("address"));
+    tokio::spawn(metrics::serve(listener, h.metrics.clone()));
+    let http = reqwest::Client::new();
+    let health = http
+        .get(format!("{base}/healthz"))
+        .send()
+        .await
+        .expect("GET /healthz");
+    assert_eq!(health.status(), 200);
+    let text = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("body");
+    let reconciles: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("sluice_operator_reconciles_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("a reconcile counter in {text}"));
+    assert!(reconciles >= 2.0, "{text}");
+    assert!(
+        text.contains("sluice_operator_reconcile_duration_seconds_count"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn children_follow_the_spec_and_come_back_when_deleted() {
+    let h = Harness::start("follow").await;
+    let url = fresh_database("operator_follow").await;
+    h.put_url_secret("warehouse", &url).await;
+    let mut spec = spec_for("warehouse");
+    spec["exposure"] = json!({"ingress": {"host": "hooks.example.com", "className": "nginx"}});
+    h.create("web", spec).await;
+    let si = h
+        .wait_condition("web", "SchemaReady", ConditionStatus::True)
+        .await;
+    assert_eq!(
+        si.status.expect("status").webhook_url.as_deref(),
+        Some("https://hooks.example.com/v1/webhook")
+    );
+    let ingresses = h.api::<Ingress>();
+    let ingress = ingresses.get("web-ingest").await.expect("Ingress");
+    let rule = &ingress.spec.expect("spec").rules.expect("rules")[0];
+    assert_eq!(rule.host.as_deref(), Some("hooks.example.com"));
+    let secrets = h.api::<Secret>();
+    let credentials = secrets.get("web-credentials").await.expect("credentials");
+
+    // Replicas and batch settings: the Deployment follows.
+    h.patch_spec(
+        "web",
+        json!({"ingest": {"replicas": 3}, "loading": {"maxBatchRows": 50}}),
+    )
+    .await
+    .expect("patch the spec");
+    let deployments = h.api::<Deployment>();
+    eventually(
+        "the Deployment to have 3 replicas and 50 rows a batch",
+        || async {
+            let deployment = deployments.get("web-ingest").await.ok()?;
+            let replicas = deployment.spec.as_ref()?.replicas;
+            let rows = env_value(&container(&deployment), "SLUICE_MAX_BATCH_ROWS");
+            (replicas == Some(3) && rows.as_deref() == Some("50")).then_some(())
+        },
+    )
+    .await;
+
+    // Without the ingress, the Ingress goes and the webhook URL is the Service's.
+    h.patch_spec("web", json!({"exposure": {"ingress": null}}))
+        .await
+        .expect("remove the ingress");
+    eventually("the Ingress to be deleted", || async {
+        ingresses
+            .get_opt("web-ingest")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    let integrations = h.integrations();
+    let expected_url = format!(
+        "http://web-ingest.{}.svc.cluster.local/v1/webhook",
+        h.namespace
+    );
+    eventually("the webhook URL to be the Service's", || async {
+        let si = integrations.get("web").await.ok()?;
+        (si.status?.webhook_url? == expected_url).then_some(())
+    })
+    .await;
+
+    // A Deployment deleted by hand comes back.
+    let before = deployments.get("web-ingest").await.expect("Deployment");
+    deployments
+        .delete("web-ingest", &DeleteParams::default())
+        .await
+        .expect("delete the Deployment");
+    eventually("the Deployment to be re-created", || async {
+        let after = deployments.get_opt("web-ingest").await.ok()??;
+        (after.metadata.uid != before.metadata.uid).then_some(())
+    })
+    .await;
+
+    // Through all of it the credentials stayed the same.
+    let after = secrets.get("web-credentials").await.expect("credentials");
+    assert_eq!(after.data, credentials.data);
+    assert_eq!(after.metadata.uid, credentials.metadata.uid);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_server_rejects_schema_changes_and_invalid_values() {
+    let h = Harness::start("cel").await;
+    let untyped = Api::<DynamicObject>::namespaced_with(
+        h.client.clone(),
+        &h.namespace,
+        &ApiResource::erase::<SegmentIntegration>(&()),
+    );
+    let mut spec = spec_for("warehouse");
+    spec["schema"] = json!("analytics");
+    h.create("fixed", spec).await;
+
+    for (change, what) in [
+        (json!({"schema": "marketing"}), "changing"),
+        (json!({"schema": null}), "removing"),
+    ] {
+        let status = api_status(h.patch_spec("fixed", change).await);
+        assert_eq!(status.code, 422, "{what} the schema: {status:?}");
+        assert!(
+            status.message.contains(SCHEMA_IMMUTABLE_MESSAGE),
+            "{what} the schema: {status:?}"
+        );
+    }
+    h.create("derived", spec_for("warehouse")).await;
+    let status = api_status(h.patch_spec("derived", json!({"schema": "late"})).await);
+    assert!(
+        status.message.contains(SCHEMA_IMMUTABLE_MESSAGE),
+        "adding a schema: {status:?}"
+    );
+    let status = api_status(
+        h.patch_spec("derived", json!({"displayName": "Renamed"}))
+            .await,
+    );
+    assert!(
+        status.message.contains(DISPLAY_NAME_IMMUTABLE_MESSAGE),
+        "renaming while the schema is derived: {status:?}"
+    );
+    // Other fields may change.
+    h.patch_spec("fixed", json!({"ingest": {"replicas": 4}}))
+        .await
+        .expect("changing replicas is allowed");
+
+    let invalid = [
+        (json!({"schema": "Bad-Name"}), "spec.schema"),
+        (json!({"schema": "pg_catalog"}), "reserved by PostgreSQL"),
+        (json!({"tables": ["track", "orders"]}), "spec.tables[1]"),
+        (json!({"deletionPolicy": "Delete"}), "spec.deletionPolicy"),
+        (
+            json!({"ingest": {"replicas": 1000}}),
+            "spec.ingest.replicas",
+        ),
+        (
+            json!({"ingest": {"autoscaling": {"minReplicas": 5, "maxReplicas": 2}}}),
+            "minReplicas must not exceed",
+        ),
+        (
+            json!({"loading": {"maxBatchRows": 0}}),
+            "spec.loading.maxBatchRows",
+        ),
+        (
+            json!({"loading": {"maxBatchDelay": "2h"}}),
+            "spec.loading.maxBatchDelay",
+        ),
+    ];
+    for (i, (extra, expected)) in invalid.into_iter().enumerate() {
+        let mut spec = spec_for("warehouse");
+        for (k, v) in extra.as_object().expect("object") {
+            spec[k] = v.clone();
+        }
+        // Untyped, since the Rust types cannot even hold some of these values.
+        let object: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "sluice.dev/v1alpha1",
+            "kind": "SegmentIntegration",
+            "metadata": {"name": format!("invalid-{i}")},
+            "spec": spec,
+        }))
+        .expect("an object");
+        let status = api_status(untyped.create(&PostParams::default(), &object).await);
+        assert_eq!(status.code, 422, "{spec}: {status:?}");
+        assert!(status.message.contains(expected), "{spec}: {status:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_secret_and_bad_database_show_in_conditions_and_recover() {
+    let h = Harness::start("recover").await;
+    h.create("late", spec_for("warehouse")).await;
+    let si = h
+        .wait_condition("late", "SchemaReady", ConditionStatus::False)
+        .await;
+    let schema_ready = condition(&si, "SchemaReady").expect("SchemaReady");
+    assert_eq!(schema_ready.reason, "SecretNotFound");
+    assert!(
+        schema_ready.message.contains("warehouse"),
+        "{schema_ready:?}"
+    );
+    assert_eq!(
+        condition(&si, "Ready").expect("Ready").reason,
+        "SchemaNotReady"
+    );
+    // What does not depend on the warehouse is in place already.
+    h.api::<Deployment>()
+        .get("late-ingest")
+        .await
+        .expect("the Deployment exists without the warehouse");
+    h.api::<Secret>()
+        .get("late-credentials")
+        .await
+        .expect("the credentials exist without the warehouse");
+
+    // A URL nothing answers on: DatabaseUnavailable.
+    h.put_url_secret("warehouse", "postgres://sluice:pw@127.0.0.1:1/none")
+        .await;
+    let api = h.integrations();
+    let si = eventually("SchemaReady to say DatabaseUnavailable", || async {
+        let si = api.get("late").await.ok()?;
+        (condition(&si, "SchemaReady")?.reason == "DatabaseUnavailable").then_some(si)
+    })
+    .await;
+    let message = condition(&si, "SchemaReady").expect("SchemaReady").message;
+    assert!(!message.contains("sluice:pw"), "no password in {message}");
+
+    // Fixed: the schema is created.
+    let url = fresh_database("operator_recover").await;
+    h.put_url_secret("warehouse", &url).await;
+    h.wait_condition("late", "SchemaReady", ConditionStatus::True)
+        .await;
+    assert!(tables_in(&url, "late").await.contains(&"track".to_owned()));
+}
+
+/// Creates an integration with `policy`, loads a row into its schema, deletes it, and returns
+/// the database URL once the resource is gone.
+async fn delete_with_policy(h: &Harness, name: &str, policy: &str) -> String {
+    let url = fresh_database(&format!("operator_{name}")).await;
+    h.put_url_secret("warehouse", &url).await;
+    let mut spec = spec_for("warehouse");
+    spec["schema"] = json!(name);
+    spec["deletionPolicy"] = json!(policy);
+    h.create(name, spec).await;
+    h.wait_condition(name, "SchemaReady", ConditionStatus::True)
+        .await;
+    let warehouse = Warehouse::connect(&url, name, 1).expect("warehouse");
+    let pool = warehouse.postgres_pool().expect("postgres");
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO \"{name}\".track (message_id, event) VALUES ('m-1', 'Kept')"
+    )))
+    .execute(pool)
+    .await
+    .expect("insert a row");
+
+    let api = h.integrations();
+    api.delete(name, &DeleteParams::default())
+        .await
+        .expect("delete the SegmentIntegration");
+    eventually(&format!("{name} to be gone"), || async {
+        api.get_opt(name).await.ok()?.is_none().then_some(())
+    })
+    .await;
+    url
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletion_with_drop_drops_the_schema_and_removes_the_finalizer() {
+    let h = Harness::start("drop").await;
+    let url = delete_with_policy(&h, "dropped", "Drop").await;
+    assert_eq!(tables_in(&url, "dropped").await, Vec::<String>::new());
+    let warehouse = Warehouse::connect(&url, "dropped", 1).expect("warehouse");
+    let schemas: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM information_schema.schemata WHERE schema_name = 'dropped'",
+    )
+    .fetch_one(warehouse.postgres_pool().expect("postgres"))
+    .await
+    .expect("count schemas");
+    assert_eq!(schemas, 0, "the schema is dropped");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletion_with_retain_keeps_every_row() {
+    let h = Harness::start("retain").await;
+    let url = delete_with_policy(&h, "kept", "Retain").await;
+    let warehouse = Warehouse::connect(&url, "kept", 1).expect("warehouse");
+    let events: Vec<String> = sqlx::query_scalar("SELECT event FROM kept.track")
+        .fetch_all(warehouse.postgres_pool().expect("postgres"))
+        .await
+        .expect("select rows");
+    assert_eq!(events, ["Kept"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_started_as_the_deployment_says_loads_a_signed_webhook() {
+    let h = Harness::start("wiring").await;
+    let url = fresh_database("operator_wiring").await;
+    h.put_url_secret("warehouse", &url).await;
+    let mut spec = spec_for("warehouse");
+    spec["displayName"] = json!("Stitch Segment");
+    spec["tables"] = json!(["track", "identify"]);
+    h.create("wired", spec).await;
+    h.wait_condition("wired", "SchemaReady", ConditionStatus::True)
+        .await;
+
+    // The container exactly as the operator declared it, Secret references resolved.
+    let deployment = h
+        .api::<Deployment>()
+        .get("wired-ingest")
+        .await
+        .expect("Deployment");
+    let c = container(&deployment);
+    assert_eq!(c.command, Some(vec!["sluice-ingest".to_owned()]));
+    let args = c.args.clone().unwrap_or_default();
+    let secrets = h.api::<Secret>();
+    let mut env = Vec::new();
+    for var in c.env.clone().expect("env") {
+        let value = match (var.value, var.value_from) {
+            (Some(value), _) => value,
+            (None, Some(from)) => {
+                let selector = from.secret_key_ref.expect("secretKeyRef");
+                let secret = secrets
+                    .get(&selector.name)
+                    .await
+                    .expect("referenced Secret");
+                secret_value(&secret, &selector.key)
+            }
+            (None, None) => String::new(),
+        };
+        env.push((var.name, value));
+    }
+    // The pod listens on 0.0.0.0:8080; here the process takes a free loopback port instead.
+    let listen = env.iter().position(|(k, _)| k == "SLUICE_LISTEN");
+    let listen = env.remove(listen.expect("SLUICE_LISTEN is set"));
+    assert_eq!(listen.1, "0.0.0.0:8080");
+    let shared_secret = env
+        .iter()
+        .find(|(k, _)| k == "SLUICE_SHARED_SECRET")
+        .map(|(_, v)| v.clone())
+        .expect("shared secret");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let process = Process::spawn(&args, &env_refs).await;
+
+    let body = serde_json::to_vec(&json!({
+        "type": "track", "messageId": "op-1", "userId": "u-1", "event": "Order Completed",
+        "timestamp": "2024-05-01T10:00:00.000Z", "properties": {"revenue": 19.99}
+    }))
+    .expect("JSON");
+    let http = reqwest::Client::new();
+    let unsigned = http
+        .post(process.url("/v1/webhook"))
+        .header("content-type", "application/json")
+        .body(body.clone())
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(unsigned.status(), 401, "credentials are required");
+    let signed = http
+        .post(process.url("/v1/webhook"))
+        .header("content-type", "application/json")
+        .header("x-signature", sign(shared_secret.as_bytes(), &body))
+        .body(body)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(signed.status(), 200, "{:?}", signed.text().await);
+
+    let warehouse = Warehouse::connect(&url, "stitch_segment", 1).expect("warehouse");
+    let rows: Vec<(String, String)> =
+        sqlx::query_as("SELECT message_id, event FROM stitch_segment.track")
+            .fetch_all(warehouse.postgres_pool().expect("postgres"))
+            .await
+            .expect("select rows");
+    assert_eq!(rows, [("op-1".to_owned(), "Order Completed".to_owned())]);
+    // Only the selected tables were created.
+    assert_eq!(
+        tables_in(&url, "stitch_segment").await,
+        ["_sdc_rejected", "identify", "track"]
+    );
+    process.terminate();
+    assert!(process.wait().await, "sluice-ingest exits 0 on SIGTERM");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_lease_is_held_by_one_replica_at_a_time() {
+    let client = admin_client().await.expect("admin client");
+    let namespace = TestNamespace::create(&client, "lease")
+        .await
+        .expect("test namespace");
+    let settings = |identity: &str| Settings {
+        namespace: namespace.name().to_owned(),
+        name: "sluice-operator".to_owned(),
+        identity: identity.to_owned(),
+        duration: Duration::from_secs(3),
+    };
+    let first = leader::acquire(client.clone(), settings("first")).await;
+    let waiting = tokio::spawn(leader::acquire(client.clone(), settings("second")));
+    // Several renewal periods pass: the second replica keeps waiting.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        !waiting.is_finished(),
+        "the second replica waits while the first renews"
+    );
+    let leases = Api::<Lease>::namespaced(client.clone(), namespace.name());
+    let holder = |lease: Lease| lease.spec.and_then(|s| s.holder_identity);
+    assert_eq!(
+        holder(leases.get("sluice-operator").await.expect("Lease")).as_deref(),
+        Some("first")
+    );
+
+    // Released: the second takes over at once.
+    first.release().await;
+    let second = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the second replica takes over")
+        .expect("task");
+    let lease = leases.get("sluice-operator").await.expect("Lease");
+    assert_eq!(holder(lease.clone()).as_deref(), Some("second"));
+    assert_eq!(lease.spec.and_then(|s| s.lease_transitions), Some(1));
+
+    // A holder that stops renewing (a crashed pod) loses the Lease once it expires.
+    drop(second);
+    let third = tokio::time::timeout(
+        Duration::from_secs(15),
+        leader::acquire(client.clone(), settings("third")),
+    )
+    .await
+    .expect("the third replica takes over an expired Lease");
+    assert_eq!(
+        holder(leases.get("sluice-operator").await.expect("Lease")).as_deref(),
+        Some("third")
+    );
+    third.release().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_needs_no_more_than_its_rbac_rules() {
+    let admin = admin_client().await.expect("admin client");
+    let namespace = Harness::namespace(&admin, "rbac").await;
+    // A ClusterRole with exactly the operator's rules, bound in this namespace only, to the
+    // identity that has no other rights.
+    let role = ClusterRole {
+        metadata: ObjectMeta {
+            name: Some("sluice-operator-rbac-test".to_owned()),
+            ..ObjectMeta::default()
+        },
+        rules: Some(sluice_operator::rbac::rules()),
+        ..ClusterRole::default()
+    };
+    Api::<ClusterRole>::all(admin.clone())
+        .patch(
+            "sluice-operator-rbac-test",
+            &PatchParams::apply("sluice-tests").force(),
+            &Patch::Apply(role),
+        )
+        .await
+        .expect("apply the ClusterRole");
+    let binding = RoleBinding {
+        metadata: ObjectMeta {
+            name: Some("sluice-operator".to_owned()),
+            ..ObjectMeta::default()
+        },
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".to_owned(),
+            kind: "ClusterRole".to_owned(),
+            name: "sluice-operator-rbac-test".to_owned(),
+        },
+        subjects: Some(vec![Subject {
+            api_group: Some("rbac.authorization.k8s.io".to_owned()),
+            kind: "User".to_owned(),
+            name: restricted_user().expect("restricted user"),
+            namespace: None,
+        }]),
+    };
+    Api::<RoleBinding>::namespaced(admin.clone(), &namespace)
+        .create(&PostParams::default(), &binding)
+        .await
+        .expect("create the RoleBinding");
+    let restricted = restricted_client().await.expect("restricted client");
+    // The authorizer sees new bindings shortly after they are made.
+    let probe = Api::<SegmentIntegration>::namespaced(restricted.clone(), &namespace);
+    eventually("the RoleBinding to take effect", || async {
+        probe.list(&Default::default()).await.ok().map(|_| ())
+    })
+    .await;
+
+    let h = Harness::start_operator(admin, restricted.clone(), namespace.clone(), "rbac");
+    let url = fresh_database("operator_rbac").await;
+    h.put_url_secret("warehouse", &url).await;
+    let mut spec = spec_for("warehouse");
+    spec["deletionPolicy"] = json!("Drop");
+    spec["exposure"] = json!({"ingress": {"host": "hooks.example.com"}});
+    spec["ingest"] = json!({"autoscaling": {"minReplicas": 1, "maxReplicas": 3}});
+    h.create("limited", spec).await;
+    h.wait_condition("limited", "SchemaReady", ConditionStatus::True)
+        .await;
+    h.api::<Deployment>()
+        .get("limited-ingest")
+        .await
+        .expect("Deployment");
+    h.api::<Ingress>()
+        .get("limited-ingest")
+        .await
+        .expect("Ingress");
+    let events = h.api::<Event>();
+    eventually("an Event from the restricted operator", || async {
+        (!events
+            .list(&Default::default())
+            .await
+            .ok()?
+            .items
+            .is_empty())
+        .then_some(())
+    })
+    .await;
+    h.patch_spec("limited", json!({"exposure": {"ingress": null}}))
+        .await
+        .expect("remove the ingress");
+    let ingresses = h.api::<Ingress>();
+    eventually("the Ingress to be deleted", || async {
+        ingresses
+            .get_opt("limited-ingest")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    let api = h.integrations();
+    api.delete("limited", &DeleteParams::default())
+        .await
+        .expect("delete");
+    eventually("the integration to be gone", || async {
+        api.get_opt("limited").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert_eq!(tables_in(&url, "limited").await, Vec::<String>::new());
+
+    // Leader election with the same rights.
+    let leadership = tokio::time::timeout(
+        Duration::from_secs(10),
+        leader::acquire(
+            restricted,
+            Settings {
+                namespace,
+                name: "sluice-operator".to_owned(),
+                identity: "restricted".to_owned(),
+                duration: Duration::from_secs(3),
+            },
+        ),
+    )
+    .await
+    .expect("the restricted identity takes the Lease");
+    leadership.release().await;
+}
