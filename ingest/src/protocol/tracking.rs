@@ -185,9 +185,10 @@ pub(super) async fn tracking(
     let enriched = events
         .into_iter()
         .map(|event| {
-            let event = enrich(event, received_at);
-            let raw = Bytes::from(Value::Object(event.clone()).to_string());
-            (Value::Object(event), raw)
+            // The event as enriched is what `_sdc_rejected` keeps, should the database refuse it.
+            let event = Value::Object(enrich(event, received_at));
+            let raw = Bytes::from(event.to_string());
+            (event, raw)
         })
         .collect();
     let (records, skipped) = match prepare(enriched, &state.tables, route == Route::Batch) {
@@ -289,7 +290,7 @@ fn split_batch(mut object: Map<String, Value>) -> Result<Vec<Map<String, Value>>
             let Value::Object(mut item) = item else {
                 return Err(bad(format!("event {index}: must be a JSON object")));
             };
-            let size = Value::Object(item.clone()).to_string().len();
+            let size = json_len(&item);
             if size > MAX_EVENT_BYTES {
                 return Err(bad(format!(
                     "event {index}: larger than the 32 KB limit ({size} bytes)"
@@ -307,6 +308,24 @@ fn split_batch(mut object: Map<String, Value>) -> Result<Vec<Map<String, Value>>
             Ok(item)
         })
         .collect()
+}
+
+/// The length of an object's JSON text, without building the text.
+fn json_len(object: &Map<String, Value>) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Writing to a counter cannot fail.
+    let _ = serde_json::to_writer(&mut count, object);
+    count.0
 }
 
 /// Puts the keys of `top` into `item[field]` where the item has none of its own.
