@@ -187,6 +187,13 @@ pub fn config(database_url: &str, flags: &[&str]) -> Config {
     Config::try_parse_from(args).expect("valid flags")
 }
 
+/// A fresh destination, and the service running in-process on it with `flags`.
+pub async fn serve(backend: Backend, label: &str, flags: &[&str]) -> (Destination, Server) {
+    let dest = Destination::new(backend, label).await;
+    let server = Server::start(config(&dest.url, flags)).await;
+    (dest, server)
+}
+
 /// The ingest service running inside the test process.
 #[derive(Debug)]
 pub struct Server {

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use sluice_ingest::event::Table;
 use sluice_ingest::normalize::{ColumnType, column_name, format_timestamp, parse_timestamp};
 use sluice_ingest::protocol::sign;
-use sluice_tests::ingest::{Backend, Destination, Process, Server, config};
+use sluice_tests::ingest::{Backend, Destination, Process, serve};
 
 const SCHEMA: &str = "segment";
 
@@ -101,11 +101,11 @@ fn same_value(column: &str, expected: &Value, stored: &Value) -> bool {
 }
 
 async fn fixtures_land_in_their_tables(backend: Backend) {
-    let dest = Destination::new(backend, "fixtures").await;
-    let server = Server::start(config(
-        &dest.url,
+    let (dest, server) = serve(
+        backend,
+        "fixtures",
         &["--tables", "alias,group,identify,page,screen,track"],
-    ))
+    )
     .await;
     // The latest version of each (type, messageId): later fixtures redeliver earlier ids.
     let mut expected: HashMap<(String, String), Value> = HashMap::new();
@@ -169,8 +169,7 @@ async fn fixtures_land_in_their_tables(backend: Backend) {
 }
 
 async fn unselected_types_are_acknowledged_and_skipped(backend: Backend) {
-    let dest = Destination::new(backend, "skipped").await;
-    let server = Server::start(config(&dest.url, &[])).await;
+    let (dest, server) = serve(backend, "skipped", &[]).await;
     let alias = json!({"type": "alias", "messageId": "a1", "userId": "u", "previousId": "p"});
     let (status, body) = post(&server.url("/v1/webhook"), alias.to_string()).await;
     assert_eq!((status, body["skipped"].clone()), (200, json!(1)));
@@ -192,8 +191,7 @@ async fn unselected_types_are_acknowledged_and_skipped(backend: Backend) {
 }
 
 async fn redelivered_event_is_one_row(backend: Backend) {
-    let dest = Destination::new(backend, "redelivery").await;
-    let server = Server::start(config(&dest.url, &[])).await;
+    let (dest, server) = serve(backend, "redelivery", &[]).await;
     let first = track("m-1", json!({"plan": "basic", "coupon": "SPRING"}));
     for _ in 0..3 {
         let (status, _) = post(&server.url("/v1/webhook"), first.to_string()).await;
@@ -221,8 +219,7 @@ async fn redelivered_event_is_one_row(backend: Backend) {
 }
 
 async fn type_conflict_goes_to_split_column(backend: Backend) {
-    let dest = Destination::new(backend, "split").await;
-    let server = Server::start(config(&dest.url, &[])).await;
+    let (dest, server) = serve(backend, "split", &[]).await;
     for (id, seats) in [
         ("a", json!(3)),
         ("b", json!("three")),
@@ -271,8 +268,7 @@ async fn type_conflict_goes_to_split_column(backend: Backend) {
 }
 
 async fn sql_shaped_keys_become_safe_distinct_columns(backend: Backend) {
-    let dest = Destination::new(backend, "hostile").await;
-    let server = Server::start(config(&dest.url, &[])).await;
+    let (dest, server) = serve(backend, "hostile", &[]).await;
     let long = "k".repeat(300);
     let longer = format!("{long}x");
     let keys = [
@@ -333,11 +329,11 @@ async fn sql_shaped_keys_become_safe_distinct_columns(backend: Backend) {
 }
 
 async fn credentials_are_checked(backend: Backend) {
-    let dest = Destination::new(backend, "auth").await;
-    let server = Server::start(config(
-        &dest.url,
+    let (dest, server) = serve(
+        backend,
+        "auth",
         &["--shared-secret", "s3cret", "--api-key", "key-1"],
-    ))
+    )
     .await;
     let url = server.url("/v1/webhook");
     let body = track("signed", json!({})).to_string();
@@ -381,8 +377,7 @@ async fn credentials_are_checked(backend: Backend) {
 }
 
 async fn bad_input_is_refused_and_changes_nothing(backend: Backend) {
-    let dest = Destination::new(backend, "badinput").await;
-    let server = Server::start(config(&dest.url, &["--max-body-bytes", "65536"])).await;
+    let (dest, server) = serve(backend, "badinput", &["--max-body-bytes", "65536"]).await;
     let url = server.url("/v1/webhook");
     assert_eq!(
         post(&url, track("seed", json!({"a": 1})).to_string())
@@ -568,11 +563,11 @@ async fn sigterm_commits_and_answers_what_was_received(backend: Backend) {
 }
 
 async fn full_queue_answers_503_with_retry_after(backend: Backend) {
-    let dest = Destination::new(backend, "queuefull").await;
-    let server = Server::start(config(
-        &dest.url,
+    let (_dest, server) = serve(
+        backend,
+        "queuefull",
         &["--queue-capacity", "1", "--max-batch-delay", "2s"],
-    ))
+    )
     .await;
     let url = server.url("/v1/webhook");
     let first = tokio::spawn({
@@ -598,8 +593,7 @@ async fn full_queue_answers_503_with_retry_after(backend: Backend) {
 }
 
 async fn unloadable_records_go_to_sdc_rejected(backend: Backend) {
-    let dest = Destination::new(backend, "rejected").await;
-    let server = Server::start(config(&dest.url, &[])).await;
+    let (dest, server) = serve(backend, "rejected", &[]).await;
     let batch = format!(
         "[{}, {}]",
         track("fine", json!({"a": 1})),
@@ -634,8 +628,7 @@ async fn unloadable_records_go_to_sdc_rejected(backend: Backend) {
 }
 
 async fn wide_tables_overflow_into_json(backend: Backend) {
-    let dest = Destination::new(backend, "overflow").await;
-    let server = Server::start(config(&dest.url, &[])).await;
+    let (dest, server) = serve(backend, "overflow", &[]).await;
     // 17 events of 100 new keys each: the table reaches its column limit part way through,
     // as a long-lived table with ever-new property names would.
     let events: Vec<Value> = (0..17)
@@ -678,8 +671,7 @@ async fn wide_tables_overflow_into_json(backend: Backend) {
 }
 
 async fn health_readiness_and_metrics_answer(backend: Backend) {
-    let dest = Destination::new(backend, "probes").await;
-    let server = Server::start(config(&dest.url, &[])).await;
+    let (_dest, server) = serve(backend, "probes", &[]).await;
     assert_eq!(
         reqwest::get(server.url("/healthz"))
             .await
@@ -733,8 +725,7 @@ async fn health_readiness_and_metrics_answer(backend: Backend) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unavailable_database_answers_503_then_recovers() {
     use sqlx::{Connection, Executor};
-    let dest = Destination::new(Backend::Postgres, "unavailable").await;
-    let server = Server::start(config(&dest.url, &[])).await;
+    let (dest, server) = serve(Backend::Postgres, "unavailable", &[]).await;
     let url = server.url("/v1/webhook");
     assert_eq!(
         post(&url, track("before", json!({})).to_string()).await.0,

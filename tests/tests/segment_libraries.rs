@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde_json::{Value, json};
 use sluice_ingest::event::Table;
-use sluice_tests::ingest::{Backend, Destination, Server, config};
+use sluice_tests::ingest::{Backend, Destination, Server, serve};
 
 const SCHEMA: &str = "segment";
 const WRITE_KEY: &str = "wk-libraries";
@@ -65,18 +65,13 @@ async fn assert_landed(
 }
 
 async fn server(label: &str) -> (Destination, Server) {
-    let dest = Destination::new(Backend::Postgres, label).await;
-    let server = Server::start(config(
-        &dest.url,
-        &[
-            "--write-keys",
-            WRITE_KEY,
-            "--tables",
-            "alias,group,identify,page,screen,track",
-        ],
-    ))
-    .await;
-    (dest, server)
+    let flags = [
+        "--write-keys",
+        WRITE_KEY,
+        "--tables",
+        "alias,group,identify,page,screen,track",
+    ];
+    serve(Backend::Postgres, label, &flags).await
 }
 
 fn python_expectations() -> Vec<(Table, &'static str, Value)> {

@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use sluice_ingest::event::Table;
 use sluice_ingest::normalize::parse_timestamp;
-use sluice_tests::ingest::{Backend, Destination, Server, config};
+use sluice_tests::ingest::{Backend, Destination, serve};
 
 const SCHEMA: &str = "segment";
 const ALL_TABLES: &str = "alias,group,identify,page,screen,track";
@@ -50,11 +50,11 @@ fn time(row: &serde_json::Map<String, Value>, column: &str) -> DateTime<Utc> {
 }
 
 async fn every_call_lands_through_long_and_short_routes(backend: Backend) {
-    let dest = Destination::new(backend, "tracking").await;
-    let server = Server::start(config(
-        &dest.url,
+    let (dest, server) = serve(
+        backend,
+        "tracking",
         &["--write-keys", "wk1,wk2", "--tables", ALL_TABLES],
-    ))
+    )
     .await;
     let auth = basic("wk1");
     let calls = [
@@ -139,8 +139,7 @@ async fn every_call_lands_through_long_and_short_routes(backend: Backend) {
 }
 
 async fn batch_merges_context_and_is_all_or_nothing(backend: Backend) {
-    let dest = Destination::new(backend, "batch").await;
-    let server = Server::start(config(&dest.url, &["--write-keys", "wk"])).await;
+    let (dest, server) = serve(backend, "batch", &["--write-keys", "wk"]).await;
     let url = server.url("/v1/batch");
     let batch = json!({
         "writeKey": "wk",
@@ -177,8 +176,7 @@ async fn batch_merges_context_and_is_all_or_nothing(backend: Backend) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_write_key_is_401_and_stores_nothing() {
-    let dest = Destination::new(Backend::Postgres, "writekey").await;
-    let server = Server::start(config(&dest.url, &["--write-keys", "right"])).await;
+    let (dest, server) = serve(Backend::Postgres, "writekey", &["--write-keys", "right"]).await;
     let event = json!({"messageId": "x", "userId": "u", "event": "E"}).to_string();
     for headers in [vec![], vec![("authorization", basic("wrong"))]] {
         let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -204,8 +202,7 @@ async fn unknown_write_key_is_401_and_stores_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gzip_bodies_are_decoded() {
-    let dest = Destination::new(Backend::Postgres, "gzip").await;
-    let server = Server::start(config(&dest.url, &[])).await;
+    let (dest, server) = serve(Backend::Postgres, "gzip", &[]).await;
     let body =
         json!({"batch": [{"type": "track", "messageId": "z1", "userId": "u", "event": "Zipped"}]});
     let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
@@ -236,8 +233,7 @@ async fn gzip_bodies_are_decoded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_are_enforced_and_named() {
-    let dest = Destination::new(Backend::Postgres, "limits").await;
-    let server = Server::start(config(&dest.url, &[])).await;
+    let (dest, server) = serve(Backend::Postgres, "limits", &[]).await;
     let big_event = json!({"messageId": "big", "userId": "u", "event": "E", "properties": {"blob": "x".repeat(33 * 1024)}});
     let (status, answer) = send(&server.url("/v1/track"), big_event.to_string(), &[]).await;
     assert_eq!(status, 400);
@@ -281,8 +277,7 @@ async fn limits_are_enforced_and_named() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retried_request_without_message_id_is_one_row() {
-    let dest = Destination::new(Backend::Postgres, "retry").await;
-    let server = Server::start(config(&dest.url, &[])).await;
+    let (dest, server) = serve(Backend::Postgres, "retry", &[]).await;
     let event = json!({"userId": "u", "event": "No Id", "timestamp": "2024-05-01T10:00:00Z", "sentAt": "2024-05-01T10:00:01Z"});
     for _ in 0..3 {
         assert_eq!(
@@ -313,8 +308,7 @@ async fn retried_request_without_message_id_is_one_row() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_clock_skew_is_corrected() {
-    let dest = Destination::new(Backend::Postgres, "skew").await;
-    let server = Server::start(config(&dest.url, &[])).await;
+    let (dest, server) = serve(Backend::Postgres, "skew", &[]).await;
     // The client's clock runs far ahead: it stamped the call 5 s before sending it.
     let event = json!({"messageId": "skew", "userId": "u", "event": "E",
         "timestamp": "2030-01-01T00:00:00.000Z", "sentAt": "2030-01-01T00:00:05.000Z"});
@@ -342,11 +336,11 @@ async fn client_clock_skew_is_corrected() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn browsers_of_allowed_origins_pass_cors() {
-    let dest = Destination::new(Backend::Postgres, "cors").await;
-    let server = Server::start(config(
-        &dest.url,
+    let (_dest, server) = serve(
+        Backend::Postgres,
+        "cors",
         &["--cors-origins", "https://shop.example.com"],
-    ))
+    )
     .await;
     let client = reqwest::Client::new();
     let preflight = |origin: &'static str| {
