@@ -12,7 +12,6 @@
 //!
 //! Knob: `BENCH_INTEGRATIONS` (default 300).
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -20,11 +19,11 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Secret, Service};
-use kube::api::{ListParams, ObjectMeta, PostParams};
+use kube::api::{ListParams, PostParams};
 use kube::{Api, CustomResourceExt};
 use sluice_operator::crd::ConditionStatus;
 use sluice_operator::{SegmentIntegration, SegmentIntegrationSpec};
-use sluice_tests::kube::{ADMIN_KUBECONFIG_ENV, TestNamespace, admin_client, apply_crd};
+use sluice_tests::kube::{ADMIN_KUBECONFIG_ENV, admin_client, namespace_with_crd, put_url_secret};
 use sluice_tests::postgres::fresh_database;
 
 const DEADLINE: Duration = Duration::from_secs(180);
@@ -88,25 +87,13 @@ async fn main() {
     let kubeconfig = std::env::var(ADMIN_KUBECONFIG_ENV)
         .unwrap_or_else(|_| panic!("{ADMIN_KUBECONFIG_ENV} is not set: start the test servers"));
     let client = admin_client().await.expect("admin client");
-    apply_crd(&client, &SegmentIntegration::crd())
+    let namespace = namespace_with_crd(&client, &SegmentIntegration::crd(), "bench")
         .await
-        .expect("CRD");
-    let namespace = TestNamespace::create(&client, "bench")
-        .await
-        .expect("namespace")
+        .expect("CRD and namespace")
         .name()
         .to_owned();
     let url = fresh_database("operator_bench").await;
-    let secret = Secret {
-        metadata: ObjectMeta {
-            name: Some("warehouse".to_owned()),
-            ..ObjectMeta::default()
-        },
-        string_data: Some(BTreeMap::from([("url".to_owned(), url)])),
-        ..Secret::default()
-    };
-    Api::<Secret>::namespaced(client.clone(), &namespace)
-        .create(&PostParams::default(), &secret)
+    put_url_secret(&client, &namespace, "warehouse", &url)
         .await
         .expect("warehouse Secret");
 

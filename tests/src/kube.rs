@@ -15,7 +15,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig, KubeconfigError};
@@ -212,4 +212,40 @@ pub async fn apply_crd(
         source,
     })?;
     established.ok_or(Error::CrdNotEstablished { name })
+}
+
+/// Applies `crd` (see [`apply_crd`]) and creates a namespace of the test's own for its objects.
+pub async fn namespace_with_crd(
+    client: &Client,
+    crd: &CustomResourceDefinition,
+    prefix: &str,
+) -> Result<TestNamespace, Error> {
+    apply_crd(client, crd).await?;
+    TestNamespace::create(client, prefix).await
+}
+
+/// Applies (creates, or replaces the value of) the Secret `name` in `namespace` holding `url` under
+/// the key `url`: the way a `SegmentIntegration` names its warehouse.
+pub async fn put_url_secret(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    url: &str,
+) -> Result<(), Error> {
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            ..ObjectMeta::default()
+        },
+        string_data: Some([("url".to_owned(), url.to_owned())].into()),
+        ..Secret::default()
+    };
+    Api::<Secret>::namespaced(client.clone(), namespace)
+        .patch(
+            name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(secret),
+        )
+        .await?;
+    Ok(())
 }

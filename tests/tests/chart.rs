@@ -24,7 +24,7 @@ use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::networking::v1::Ingress;
 use k8s_openapi::api::rbac::v1::PolicyRule;
-use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config, CustomResourceExt};
 use serde::Deserialize;
@@ -33,7 +33,7 @@ use sluice_operator::crd::ConditionStatus;
 use sluice_operator::leader::{self, Settings};
 use sluice_operator::metrics::Metrics;
 use sluice_operator::{SegmentIntegration, controller};
-use sluice_tests::kube::{ADMIN_KUBECONFIG_ENV, TestNamespace, admin_client, apply_crd};
+use sluice_tests::kube::{ADMIN_KUBECONFIG_ENV, admin_client, namespace_with_crd, put_url_secret};
 use sluice_tests::postgres::fresh_database;
 use tokio::sync::oneshot;
 
@@ -391,12 +391,9 @@ fn kubectl(args: &[&str], stdin: &str) -> Output {
 
 /// A namespace of the test's own, with the CRD applied for real.
 async fn namespace(admin: &Client, prefix: &str) -> String {
-    apply_crd(admin, &SegmentIntegration::crd())
+    namespace_with_crd(admin, &SegmentIntegration::crd(), prefix)
         .await
-        .expect("the SegmentIntegration CRD is accepted and Established");
-    TestNamespace::create(admin, prefix)
-        .await
-        .expect("test namespace")
+        .expect("the SegmentIntegration CRD is Established and the namespace created")
         .name()
         .to_owned()
 }
@@ -520,16 +517,7 @@ async fn reconciles_completely(
     let _stop = stop;
 
     let url = fresh_database("chart_rbac").await;
-    let secret = Secret {
-        metadata: ObjectMeta {
-            name: Some("warehouse".to_owned()),
-            ..ObjectMeta::default()
-        },
-        string_data: Some(BTreeMap::from([("url".to_owned(), url)])),
-        ..Secret::default()
-    };
-    Api::<Secret>::namespaced(admin.clone(), ns)
-        .create(&PostParams::default(), &secret)
+    put_url_secret(admin, ns, "warehouse", &url)
         .await
         .expect("create the warehouse Secret");
     let integrations = Api::<SegmentIntegration>::namespaced(admin.clone(), ns);

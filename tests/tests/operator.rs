@@ -6,7 +6,6 @@
 //! status as the controller manager would), and owner references are never garbage-collected
 //! (deletion is proven through the operator's finalizer).
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,7 +31,8 @@ use sluice_operator::metrics::{self, Metrics};
 use sluice_operator::{SegmentIntegration, controller};
 use sluice_tests::ingest::Process;
 use sluice_tests::kube::{
-    TestNamespace, admin_client, apply_crd, restricted_client, restricted_user,
+    TestNamespace, admin_client, namespace_with_crd, put_url_secret, restricted_client,
+    restricted_user,
 };
 use sluice_tests::postgres::fresh_database;
 use tokio::sync::oneshot;
@@ -61,12 +61,9 @@ impl Harness {
 
     /// A namespace of the test's own, with the CRD applied.
     async fn namespace(client: &Client, prefix: &str) -> String {
-        apply_crd(client, &SegmentIntegration::crd())
+        namespace_with_crd(client, &SegmentIntegration::crd(), prefix)
             .await
-            .expect("the SegmentIntegration CRD is accepted and Established");
-        TestNamespace::create(client, prefix)
-            .await
-            .expect("test namespace")
+            .expect("the SegmentIntegration CRD is Established and the namespace created")
             .name()
             .to_owned()
     }
@@ -116,20 +113,7 @@ impl Harness {
 
     /// Creates (or replaces the value of) the Secret `name` with `url` under key `url`.
     async fn put_url_secret(&self, name: &str, url: &str) {
-        let secret = Secret {
-            metadata: ObjectMeta {
-                name: Some(name.to_owned()),
-                ..ObjectMeta::default()
-            },
-            string_data: Some(BTreeMap::from([("url".to_owned(), url.to_owned())])),
-            ..Secret::default()
-        };
-        self.api::<Secret>()
-            .patch(
-                name,
-                &PatchParams::apply("sluice-tests").force(),
-                &Patch::Apply(secret),
-            )
+        put_url_secret(&self.client, &self.namespace, name, url)
             .await
             .expect("apply the warehouse Secret");
     }
