@@ -13,19 +13,9 @@
 # tools/, which git ignores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-root=$(pwd)
-
-run_dir=$(mktemp -d "${TMPDIR:-/tmp}/sluice-test.XXXXXX")
-chmod 755 "$run_dir"
-
-cleanup() {
-  status=$?
-  bash "$root/tests/scripts/kube-apiserver.sh" stop "$run_dir/kube" || true
-  bash "$root/tests/scripts/postgres.sh" stop "$run_dir/postgres" || true
-  rm -rf "$run_dir"
-  exit "$status"
-}
-trap cleanup EXIT INT TERM
+# shellcheck source=tests/scripts/servers.sh
+source tests/scripts/servers.sh
+servers_begin test
 
 step() { printf '\n== %s\n' "$*" >&2; }
 
@@ -34,15 +24,10 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "PostgreSQL"
-bash tests/scripts/postgres.sh start "$run_dir/postgres"
-# shellcheck source=/dev/null
-source "$run_dir/postgres/env"
+start_postgres
 
 step "Kubernetes API server"
-bash tests/scripts/kube-apiserver.sh build
-bash tests/scripts/kube-apiserver.sh start "$run_dir/kube"
-# shellcheck source=/dev/null
-source "$run_dir/kube/env"
+start_kube
 
 step "Segment's official libraries (PyPI, npm)"
 eval "$(bash tests/scripts/clients.sh)"
