@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::event::Table;
-use crate::load::LoaderConfig;
+use crate::load::{LoaderConfig, Owner};
 
 /// Receives Segment events over HTTP and loads them into PostgreSQL or SQLite.
 #[derive(Debug, Clone, Parser)]
@@ -37,6 +37,14 @@ pub struct Config {
     /// API key: requests may authenticate with HTTP Basic, the key as user name.
     #[arg(long, env = "SLUICE_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+
+    /// Accept a batch (JSON array) on /v1/webhook whose X-Signature signs only its first event,
+    /// as Segment's Webhooks (Actions) destination signs batches. Off by default: such a
+    /// signature does not cover the other events, so whoever holds one signed batch can append
+    /// events to it and replay it, overwriting rows by messageId. Prefer the API key
+    /// (Authorization header) for batched delivery.
+    #[arg(long, env = "SLUICE_ACCEPT_FIRST_EVENT_SIGNATURES")]
+    pub accept_first_event_signatures: bool,
 
     /// Write keys accepted by the HTTP Tracking API (/v1/track, /v1/batch, ...), comma-separated.
     /// With none, the Tracking API accepts any request.
@@ -88,6 +96,17 @@ pub struct Config {
     #[arg(long, env = "SLUICE_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
 
+    /// Identity this service creates schema objects for (the operator sets its
+    /// SegmentIntegration's UID): what it creates is recorded in the schema's _sdc_ownership
+    /// table, and a schema recorded for another identity is refused. PostgreSQL only.
+    #[arg(long, env = "SLUICE_INTEGRATION_UID")]
+    pub integration_uid: Option<String>,
+
+    /// Name for people of --integration-uid, recorded beside it (e.g. SegmentIntegration
+    /// analytics/shop). Default: the UID.
+    #[arg(long, env = "SLUICE_INTEGRATION_NAME", requires = "integration_uid")]
+    pub integration_name: Option<String>,
+
     /// Log filter (tracing's EnvFilter syntax), e.g. info or sluice_ingest=debug.
     #[arg(long, env = "SLUICE_LOG", default_value = "info")]
     pub log: String,
@@ -113,6 +132,19 @@ impl Config {
         }
     }
 
+    /// The owner of the schema objects this service creates, when `--integration-uid` is set.
+    pub fn owner(&self) -> Option<Owner> {
+        let uid = self.integration_uid.clone().filter(|uid| !uid.is_empty())?;
+        Some(Owner {
+            name: self
+                .integration_name
+                .clone()
+                .filter(|name| !name.is_empty())
+                .unwrap_or_else(|| uid.clone()),
+            uid,
+        })
+    }
+
     /// The selected tables, deduplicated and sorted.
     pub fn selected_tables(&self) -> Vec<Table> {
         let mut tables = self.tables.clone();
@@ -134,6 +166,35 @@ mod tests {
         assert_eq!(config.schema, "segment");
         assert_eq!(config.selected_tables(), Table::DEFAULT.to_vec());
         assert_eq!(config.max_batch_delay, Duration::ZERO);
+        assert!(!config.accept_first_event_signatures);
+        assert_eq!(config.owner(), None);
+    }
+
+    #[test]
+    fn integration_identity_becomes_the_owner() {
+        let parse = |extra: &[&str]| {
+            let mut args = vec!["sluice-ingest"];
+            args.extend_from_slice(extra);
+            Config::try_parse_from(args)
+        };
+        let owner = parse(&["--integration-uid", "u-1"])
+            .expect("parses")
+            .owner();
+        assert_eq!(
+            owner,
+            Some(Owner {
+                uid: "u-1".to_owned(),
+                name: "u-1".to_owned()
+            })
+        );
+        let named = parse(&["--integration-uid", "u-1", "--integration-name", "shop"])
+            .expect("parses")
+            .owner();
+        assert_eq!(named.map(|o| o.name).as_deref(), Some("shop"));
+        assert!(
+            parse(&["--integration-name", "shop"]).is_err(),
+            "a name needs a UID"
+        );
     }
 
     #[test]
@@ -146,8 +207,10 @@ mod tests {
             "250ms",
             "--max-batch-rows",
             "50",
+            "--accept-first-event-signatures",
         ])
         .expect("parses");
+        assert!(config.accept_first_event_signatures);
         assert_eq!(config.selected_tables(), vec![Table::Alias, Table::Track]);
         assert_eq!(config.max_batch_delay, Duration::from_millis(250));
         assert_eq!(config.max_batch_rows, 50);

@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod normalize;
 pub mod protocol;
 pub mod schema;
+pub mod startup;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -25,6 +26,7 @@ use load::{LoadError, Loader, Warehouse};
 use metrics::Metrics;
 use protocol::{AppState, Auth, CorsOrigins, WriteKeys};
 use schema::Dialect;
+use startup::Readiness;
 
 /// Why the service could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -48,17 +50,30 @@ pub async fn run(
     let connections = config.writers + 2;
     let warehouse = Warehouse::connect(&config.database_url, &config.schema, connections)?;
     let dialect = warehouse.dialect();
-    prepare_schema(&warehouse, &tables).await?;
+    let readiness = Readiness::preparing();
+    let preparing = tokio::spawn({
+        let (warehouse, tables, readiness) = (warehouse.clone(), tables.clone(), readiness.clone());
+        let owner = config.owner();
+        async move {
+            startup::prepare_schema(&warehouse, &tables, owner.as_ref(), &readiness).await;
+        }
+    });
     let metrics = Arc::new(Metrics::new());
     let (loader, batcher) = Loader::start(
         warehouse.clone(),
         config.loader(dialect == Dialect::Sqlite),
         metrics.clone(),
     );
-    let auth = Auth::new(config.shared_secret.as_deref(), config.api_key.as_deref());
+    let auth = Auth::new(config.shared_secret.as_deref(), config.api_key.as_deref())
+        .accept_first_event_signatures(config.accept_first_event_signatures);
     if auth.is_open() {
         tracing::warn!(
             "no shared secret or API key configured: /v1/webhook accepts unauthenticated requests"
+        );
+    } else if config.accept_first_event_signatures && config.shared_secret.is_some() {
+        tracing::warn!(
+            "--accept-first-event-signatures is on: a batch signed on its first event only is \
+             accepted, so events appended to a captured signed batch would be loaded"
         );
     }
     let write_keys = WriteKeys::new(&config.write_keys);
@@ -76,6 +91,7 @@ pub async fn run(
         tables,
         metrics,
         max_body_bytes: config.max_body_bytes,
+        readiness,
     });
     tracing::info!(
         listen = %listener.local_addr()?,
@@ -86,27 +102,11 @@ pub async fn run(
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await?;
+    preparing.abort();
     // The router, and with it every Loader handle, is gone: the batcher drains and ends.
     if let Err(e) = batcher.await {
         tracing::error!(error = %e, "the batcher ended abnormally");
     }
     tracing::info!("stopped");
     Ok(())
-}
-
-/// Creates the schema and tables, retrying while the database is not up yet, so that the
-/// service and its database can start in any order.
-async fn prepare_schema(warehouse: &Warehouse, tables: &[event::Table]) -> Result<(), LoadError> {
-    let mut delay = std::time::Duration::from_millis(200);
-    loop {
-        match warehouse.ensure_schema(tables).await {
-            Ok(()) => return Ok(()),
-            Err(LoadError::Unavailable(reason)) => {
-                tracing::warn!(%reason, retry_in = ?delay, "database not reachable yet");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(std::time::Duration::from_secs(10));
-            }
-            Err(other) => return Err(other),
-        }
-    }
 }

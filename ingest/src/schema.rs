@@ -208,11 +208,6 @@ pub fn add_column_sql(schema: &str, table: Table, column: &str, ty: ColumnType) 
     )
 }
 
-/// `DROP SCHEMA ... CASCADE`: what the operator's `Drop` deletion policy runs on PostgreSQL.
-pub fn drop_schema_sql(schema: &str) -> String {
-    format!("DROP SCHEMA IF EXISTS {} CASCADE", quote_ident(schema))
-}
-
 /// The columns of one table as the database reports them. A type Sluice never creates (a
 /// column someone altered by hand) is `None`: no value is written to it, values go to a split.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -21,6 +21,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
+use sluice_ingest::load::Owner;
 
 use crate::crd::SegmentIntegration;
 
@@ -164,12 +165,33 @@ fn env_from_secret(name: &str, secret: &str, key: &str) -> EnvVar {
     }
 }
 
+/// Who the schema objects Sluice creates for `si` belong to, as recorded in the schema's
+/// `_sdc_ownership` table: the resource's UID, which a resource recreated under the same name
+/// does not share.
+pub fn schema_owner(si: &SegmentIntegration) -> Result<Owner, BuildError> {
+    let uid = si
+        .metadata
+        .uid
+        .clone()
+        .ok_or(BuildError::Incomplete("uid"))?;
+    let namespace = si
+        .metadata
+        .namespace
+        .as_deref()
+        .ok_or(BuildError::Incomplete("namespace"))?;
+    Ok(Owner {
+        uid,
+        name: format!("SegmentIntegration {namespace}/{}", name(si)),
+    })
+}
+
 /// The environment of the ingest container: every setting of `sluice-ingest`, secrets by
 /// reference.
-pub fn ingest_env(si: &SegmentIntegration, inputs: &Inputs) -> Vec<EnvVar> {
+pub fn ingest_env(si: &SegmentIntegration, inputs: &Inputs) -> Result<Vec<EnvVar>, BuildError> {
     let url = &si.spec.destination.url_secret_ref;
     let tables: Vec<&str> = si.tables().iter().map(|t| t.name()).collect();
-    vec![
+    let owner = schema_owner(si)?;
+    Ok(vec![
         env_from_secret("SLUICE_DATABASE_URL", &url.name, &url.key),
         env_from_secret(
             "SLUICE_SHARED_SECRET",
@@ -188,7 +210,13 @@ pub fn ingest_env(si: &SegmentIntegration, inputs: &Inputs) -> Vec<EnvVar> {
             "SLUICE_MAX_BATCH_DELAY",
             si.spec.loading.max_batch_delay.clone(),
         ),
-    ]
+        env(
+            "SLUICE_ACCEPT_FIRST_EVENT_SIGNATURES",
+            si.spec.ingest.accept_first_event_signatures.to_string(),
+        ),
+        env("SLUICE_INTEGRATION_UID", owner.uid),
+        env("SLUICE_INTEGRATION_NAME", owner.name),
+    ])
 }
 
 fn probe(path: &str, failure_threshold: i32) -> Probe {
@@ -235,7 +263,7 @@ pub fn deployment(si: &SegmentIntegration, inputs: &Inputs) -> Result<Deployment
         name: CONTAINER_NAME.to_owned(),
         image: Some(image),
         command: Some(vec!["sluice-ingest".to_owned()]),
-        env: Some(ingest_env(si, inputs)),
+        env: Some(ingest_env(si, inputs)?),
         ports: Some(vec![ContainerPort {
             name: Some("http".to_owned()),
             container_port: INGEST_PORT,
@@ -511,6 +539,14 @@ mod tests {
             env_value(&env, "SLUICE_MAX_BATCH_DELAY").as_deref(),
             Some("20ms")
         );
+        assert_eq!(
+            env_value(&env, "SLUICE_INTEGRATION_UID").as_deref(),
+            Some("0000-1111")
+        );
+        assert_eq!(
+            env_value(&env, "SLUICE_INTEGRATION_NAME").as_deref(),
+            Some("SegmentIntegration team-a/shop")
+        );
         let readiness = container.readiness_probe.clone().expect("readiness");
         assert_eq!(
             readiness.http_get.expect("http").path.as_deref(),
@@ -525,6 +561,22 @@ mod tests {
         assert_eq!(security.run_as_non_root, Some(true));
         assert_eq!(security.read_only_root_filesystem, Some(true));
         assert_eq!(security.allow_privilege_escalation, Some(false));
+    }
+
+    #[test]
+    fn first_event_signatures_are_refused_unless_the_spec_accepts_them() {
+        let setting = |si: &SegmentIntegration| {
+            let deployment = deployment(si, &inputs()).expect("deployment");
+            let pod = deployment.spec.expect("spec").template.spec.expect("pod");
+            env_value(
+                &pod.containers[0].env.clone().expect("env"),
+                "SLUICE_ACCEPT_FIRST_EVENT_SIGNATURES",
+            )
+        };
+        let mut si = basic();
+        assert_eq!(setting(&si).as_deref(), Some("false"));
+        si.spec.ingest.accept_first_event_signatures = true;
+        assert_eq!(setting(&si).as_deref(), Some("true"));
     }
 
     #[test]

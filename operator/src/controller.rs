@@ -32,6 +32,8 @@ use crate::crd::{DeletionPolicy, SegmentIntegration};
 use crate::destination;
 use crate::metrics::Metrics;
 use crate::status::{self, Observation, Observed};
+use sluice_ingest::event::Table;
+use sluice_ingest::load::{Claim, Dropped};
 
 /// The field manager of everything the operator applies.
 pub const FIELD_MANAGER: &str = "sluice-operator";
@@ -285,6 +287,7 @@ async fn apply(si: &SegmentIntegration, ctx: &Context) -> Result<Action, Error> 
         default_image: ctx.config.ingest_image.clone(),
     };
     let tables = si.tables();
+    let owner = build::schema_owner(si)?;
 
     // Build every object first: a resource that cannot be built changes nothing.
     let deployment = build::deployment(si, &inputs)?;
@@ -332,22 +335,14 @@ async fn apply(si: &SegmentIntegration, ctx: &Context) -> Result<Action, Error> 
 
     let destination = async {
         let url = destination::url(client, &namespace, &si.spec.destination.url_secret_ref).await?;
-        destination::ensure_schema(&url, &inputs.schema, &tables).await
+        destination::ensure_schema(&url, &inputs.schema, &tables, &owner).await
     }
     .await;
     let (schema_ready, report) = match destination {
-        Ok(report) => (
+        Ok((claim, report)) => (
             Observation::ok(
                 "SchemaReady",
-                format!(
-                    "schema {} and tables {} exist",
-                    inputs.schema,
-                    tables
-                        .iter()
-                        .map(|t| t.name())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
+                schema_ready_message(&inputs.schema, &tables, &claim),
             ),
             Some(report),
         ),
@@ -394,11 +389,48 @@ async fn apply(si: &SegmentIntegration, ctx: &Context) -> Result<Action, Error> 
     }
 }
 
+/// The `SchemaReady` message: the schema, its tables, and what `Drop` would remove.
+fn schema_ready_message(schema: &str, tables: &[Table], claim: &Claim) -> String {
+    let names = tables
+        .iter()
+        .map(|t| t.name())
+        .collect::<Vec<_>>()
+        .join(", ");
+    if claim.created_schema {
+        format!("schema {schema} (created by Sluice) and tables {names} exist")
+    } else {
+        format!(
+            "schema {schema} (it existed before: deletionPolicy Drop removes only the tables \
+             Sluice created, never the schema) and tables {names} exist"
+        )
+    }
+}
+
+/// The Event note for what `Drop` did.
+fn dropped_note(schema: &str, dropped: &Dropped) -> String {
+    let tables = if dropped.tables.is_empty() {
+        "dropped no table".to_owned()
+    } else {
+        format!(
+            "dropped the tables Sluice created, {}",
+            dropped.tables.join(", ")
+        )
+    };
+    match (&dropped.kept, dropped.schema) {
+        (_, true) => format!("{tables}, and schema {schema} (deletionPolicy Drop)"),
+        (Some(kept), false) => format!(
+            "{tables} (deletionPolicy Drop); kept schema {schema} and everything else in it: {kept}"
+        ),
+        (None, false) => format!("{tables} (deletionPolicy Drop); kept schema {schema}"),
+    }
+}
+
 async fn cleanup(si: &SegmentIntegration, ctx: &Context) -> Result<Action, Error> {
     let namespace = si
         .namespace()
         .ok_or(Error::Build(BuildError::Incomplete("namespace")))?;
     let schema = si.schema_name();
+    let owner = build::schema_owner(si)?;
     match si.spec.deletion_policy {
         DeletionPolicy::Retain => {
             tracing::info!(integration = %si.name_any(), %namespace, %schema, "deleted; schema retained");
@@ -408,37 +440,40 @@ async fn cleanup(si: &SegmentIntegration, ctx: &Context) -> Result<Action, Error
                 let url =
                     destination::url(&ctx.client, &namespace, &si.spec.destination.url_secret_ref)
                         .await?;
-                destination::drop_schema(&url, &schema).await
+                destination::drop_owned(&url, &schema, &owner).await
             }
             .await;
-            if let Err(failure) = dropped {
-                ctx.publish(
-                    si,
-                    EventType::Warning,
-                    "DropSchemaFailed",
-                    "DropSchema",
-                    format!(
-                        "cannot drop schema {schema}: {}; set spec.deletionPolicy to Retain to \
+            let dropped = match dropped {
+                Ok(dropped) => dropped,
+                Err(failure) => {
+                    ctx.publish(
+                        si,
+                        EventType::Warning,
+                        "DropSchemaFailed",
+                        "DropSchema",
+                        format!(
+                            "cannot drop schema {schema}: {}; set spec.deletionPolicy to Retain to \
                          delete the resource and keep the schema",
-                        failure.message
-                    ),
-                )
+                            failure.message
+                        ),
+                    )
+                    .await;
+                    return Err(Error::Cleanup {
+                        schema,
+                        reason: failure.reason,
+                        message: failure.message,
+                    });
+                }
+            };
+            let note = dropped_note(&schema, &dropped);
+            tracing::info!(integration = %si.name_any(), %namespace, %schema, %note, "deleted");
+            let reason = if dropped.schema {
+                "SchemaDropped"
+            } else {
+                "TablesDropped"
+            };
+            ctx.publish(si, EventType::Normal, reason, "DropSchema", note)
                 .await;
-                return Err(Error::Cleanup {
-                    schema,
-                    reason: failure.reason,
-                    message: failure.message,
-                });
-            }
-            tracing::info!(integration = %si.name_any(), %namespace, %schema, "deleted; schema dropped");
-            ctx.publish(
-                si,
-                EventType::Normal,
-                "SchemaDropped",
-                "DropSchema",
-                format!("dropped schema {schema} and every row in it (deletionPolicy Drop)"),
-            )
-            .await;
         }
     }
     Ok(Action::await_change())
@@ -579,6 +614,46 @@ mod tests {
         assert_eq!(backoff(9), Duration::from_secs(256));
         assert_eq!(backoff(10), BACKOFF_MAX);
         assert_eq!(backoff(u32::MAX), BACKOFF_MAX);
+    }
+
+    #[test]
+    fn messages_say_what_drop_removes_and_keeps() {
+        let created = Claim {
+            created_schema: true,
+            tables: vec!["track".to_owned()],
+        };
+        let adopted = Claim {
+            created_schema: false,
+            ..created.clone()
+        };
+        let tables = [Table::Identify, Table::Track];
+        assert_eq!(
+            schema_ready_message("s", &tables, &created),
+            "schema s (created by Sluice) and tables identify, track exist"
+        );
+        assert!(schema_ready_message("s", &tables, &adopted).contains("never the schema"));
+        let all = Dropped {
+            tables: vec!["_sdc_ownership".to_owned(), "track".to_owned()],
+            schema: true,
+            kept: None,
+        };
+        assert_eq!(
+            dropped_note("s", &all),
+            "dropped the tables Sluice created, _sdc_ownership, track, and schema s \
+             (deletionPolicy Drop)"
+        );
+        let kept = Dropped {
+            schema: false,
+            kept: Some("schema s existed before Sluice used it".to_owned()),
+            ..all
+        };
+        assert!(
+            dropped_note("s", &kept).ends_with(
+                "kept schema s and everything else in it: schema s existed before Sluice used it"
+            ),
+            "{}",
+            dropped_note("s", &kept)
+        );
     }
 
     #[test]

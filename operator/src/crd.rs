@@ -185,6 +185,13 @@ pub struct IngestSpec {
     /// Horizontal pod autoscaling on CPU; replaces `replicas` when set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<Autoscaling>,
+    /// Accept batches whose `X-Signature` signs only their first event, as Segment's Webhooks
+    /// (Actions) destination signs them (`sluice-ingest --accept-first-event-signatures`).
+    /// Off by default, and best left off: such a signature does not cover the other events, so
+    /// whoever obtains one signed batch can append events to it and replay it, overwriting rows
+    /// by `messageId`. For batched delivery send the API key in the `Authorization` header.
+    #[serde(default)]
+    pub accept_first_event_signatures: bool,
 }
 
 fn default_replicas() -> i32 {
@@ -198,6 +205,7 @@ impl Default for IngestSpec {
             image: None,
             resources: None,
             autoscaling: None,
+            accept_first_event_signatures: false,
         }
     }
 }
@@ -451,6 +459,7 @@ mod tests {
         assert_eq!(si.spec.destination.url_secret_ref.key, "url");
         assert_eq!(si.spec.loading, Loading::default());
         assert_eq!(si.spec.deletion_policy, DeletionPolicy::Retain);
+        assert!(!si.spec.ingest.accept_first_event_signatures);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The warehouse side of an integration: reading its URL from the user's Secret, and creating,
 //! reporting on and dropping its schema through the ingest library (the same DDL the ingest
-//! service runs).
+//! service runs), which records what it created for the integration and drops only that.
 //!
 //! Failures come back as [`Observation`]s: a reason and a sentence that say what to fix, ready to
 //! go into the `SchemaReady` condition.
@@ -10,7 +10,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
 use sluice_ingest::event::Table;
-use sluice_ingest::load::{LoadError, Warehouse};
+use sluice_ingest::load::{Claim, Dropped, LoadError, Owner, Warehouse};
 
 use crate::crd::{SecretKeyRef, TableReport};
 use crate::status::Observation;
@@ -107,6 +107,10 @@ fn load_failure(error: &LoadError) -> Observation {
              valid postgres:// URL",
         ),
         LoadError::Schema(invalid) => Observation::failed("InvalidSchema", invalid.to_string()),
+        LoadError::PermissionDenied { .. } => {
+            Observation::failed("PermissionDenied", error.to_string())
+        }
+        LoadError::SchemaClaimed { .. } => Observation::failed("SchemaClaimed", error.to_string()),
         LoadError::Unavailable(message) => Observation::failed(
             "DatabaseUnavailable",
             format!(
@@ -114,6 +118,7 @@ fn load_failure(error: &LoadError) -> Observation {
                  and that the database accepts connections from the cluster"
             ),
         ),
+        LoadError::DropBlocked { .. } => Observation::failed("DropBlocked", error.to_string()),
         other => Observation::failed(
             "DatabaseError",
             format!("the database refused to create the schema: {other}; check the role's rights"),
@@ -131,35 +136,39 @@ fn timed_out() -> Observation {
     )
 }
 
-/// Creates the schema and the selected tables (a no-op when they exist) and reports the tables
-/// with their column counts.
+/// Creates the schema and the selected tables for `owner` where missing, recording what it
+/// created, and reports the claim and the tables with their column counts. A schema another
+/// integration claimed is refused (`SchemaClaimed`).
 pub async fn ensure_schema(
     url: &str,
     schema: &str,
     tables: &[Table],
-) -> Result<Vec<TableReport>, Observation> {
+    owner: &Owner,
+) -> Result<(Claim, Vec<TableReport>), Observation> {
     let warehouse = warehouse(url, schema)?;
     let work = async {
-        warehouse.ensure_schema(tables).await?;
-        warehouse.table_report().await
+        let claim = warehouse.ensure_owned_schema(tables, owner).await?;
+        Ok::<_, LoadError>((claim, warehouse.table_report().await?))
     };
-    let report = tokio::time::timeout(DATABASE_TIMEOUT, work)
+    let (claim, report) = tokio::time::timeout(DATABASE_TIMEOUT, work)
         .await
         .map_err(|_elapsed| timed_out())?
         .map_err(|error| load_failure(&error))?;
-    Ok(report
+    let report = report
         .into_iter()
         .map(|(table, columns)| TableReport {
             name: table.name().to_owned(),
             columns: i64::try_from(columns).unwrap_or(i64::MAX),
         })
-        .collect())
+        .collect();
+    Ok((claim, report))
 }
 
-/// Drops the schema and every row in it.
-pub async fn drop_schema(url: &str, schema: &str) -> Result<(), Observation> {
+/// Drops what Sluice created for `owner` in the schema, and the schema only if Sluice created
+/// it and nothing else is left in it.
+pub async fn drop_owned(url: &str, schema: &str, owner: &Owner) -> Result<Dropped, Observation> {
     let warehouse = warehouse(url, schema)?;
-    tokio::time::timeout(DATABASE_TIMEOUT, warehouse.drop_schema())
+    tokio::time::timeout(DATABASE_TIMEOUT, warehouse.drop_owned(owner))
         .await
         .map_err(|_elapsed| timed_out())?
         .map_err(|error| load_failure(&error))
@@ -180,9 +189,18 @@ mod tests {
     #[tokio::test]
     async fn unreachable_database_is_reported_as_unavailable() {
         // Port 1 on loopback: nothing listens, the connection is refused at once.
-        let refused = ensure_schema("postgres://u:p@127.0.0.1:1/db", "segment", &Table::DEFAULT)
-            .await
-            .expect_err("nothing listens on port 1");
+        let owner = Owner {
+            uid: "u-1".to_owned(),
+            name: "SegmentIntegration a/b".to_owned(),
+        };
+        let refused = ensure_schema(
+            "postgres://u:p@127.0.0.1:1/db",
+            "segment",
+            &Table::DEFAULT,
+            &owner,
+        )
+        .await
+        .expect_err("nothing listens on port 1");
         assert_eq!(refused.reason, "DatabaseUnavailable");
         assert!(!refused.message.contains("u:p"), "{}", refused.message);
     }

@@ -59,6 +59,15 @@ impl Destination {
         }
     }
 
+    /// A database that exists already (one the test prepared), at `url`.
+    pub fn existing(backend: Backend, url: &str) -> Destination {
+        Destination {
+            backend,
+            url: url.to_owned(),
+            _dir: None,
+        }
+    }
+
     /// A warehouse handle on `schema` of this database.
     pub fn warehouse(&self, schema: &str) -> Warehouse {
         Warehouse::connect(&self.url, schema, 2).expect("valid destination")
@@ -206,6 +215,14 @@ pub struct Server {
 impl Server {
     /// Starts the service on a free loopback port and waits until it serves `/readyz`.
     pub async fn start(config: Config) -> Server {
+        let server = Server::spawn(config).await;
+        wait_ready(&server.base).await;
+        server
+    }
+
+    /// Starts the service on a free loopback port without waiting for it to be ready: its
+    /// socket accepts connections once this returns.
+    pub async fn spawn(config: Config) -> Server {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind a loopback port");
@@ -214,7 +231,6 @@ impl Server {
         let task = tokio::spawn(sluice_ingest::run(config, listener, async {
             let _ = signal.await;
         }));
-        wait_ready(&base).await;
         Server {
             base,
             shutdown: Some(shutdown),

@@ -50,3 +50,46 @@ pub async fn fresh_database(label: &str) -> String {
         .map_or(admin.as_str(), |(base, _)| base);
     format!("{base}/{name}")
 }
+
+/// Creates a login role named after `label` with no privilege but the defaults (`CONNECT` and
+/// `TEMPORARY` on databases, by `PUBLIC`), and returns its name. Roles are shared by every
+/// database of the server, so the name carries the process id.
+pub async fn create_role(label: &str) -> String {
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    let name = format!(
+        "r_{label}_{}_{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    );
+    let mut conn = PgConnection::connect(&admin_url())
+        .await
+        .expect("connect to the test PostgreSQL server");
+    conn.execute(sqlx::AssertSqlSafe(format!("CREATE ROLE \"{name}\" LOGIN")))
+        .await
+        .expect("create a test role");
+    name
+}
+
+/// `url` with its user name replaced by `role` (the test server trusts local connections, so
+/// no password is needed).
+pub fn url_as(url: &str, role: &str) -> String {
+    let (scheme, rest) = url.split_once("://").expect("a URL with a scheme");
+    let host = rest.split_once('@').map_or(rest, |(_, host)| host);
+    format!("{scheme}://{role}@{host}")
+}
+
+/// Runs `sql` as the server's superuser in the database at `url`.
+pub async fn run_as_admin(url: &str, sql: &str) {
+    let admin_user = admin_url()
+        .split_once("://")
+        .and_then(|(_, rest)| rest.split_once('@'))
+        .map(|(user, _)| user.to_owned())
+        .expect("the admin URL names a user");
+    let admin = url_as(url, &admin_user);
+    let mut conn = PgConnection::connect(&admin)
+        .await
+        .expect("connect as the superuser");
+    conn.execute(sqlx::AssertSqlSafe(sql.to_owned()))
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}

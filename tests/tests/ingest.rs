@@ -376,6 +376,64 @@ async fn credentials_are_checked(backend: Backend) {
     server.stop().await;
 }
 
+/// A Webhooks (Actions) batch as Segment signs it (the first event only), captured and replayed
+/// with an event appended that would overwrite an existing row: refused by default, accepted
+/// only with `--accept-first-event-signatures`. Whole-body credentials always work.
+async fn batch_signed_on_first_event_only_is_refused_by_default(backend: Backend) {
+    let flags = ["--shared-secret", "s3cret", "--api-key", "key-1"];
+    let first = track("b-1", json!({"n": 1})).to_string();
+    let second = track("b-2", json!({"n": 2})).to_string();
+    let forged = track("victim", json!({"forged": true})).to_string();
+    let first_signed = [("x-signature", sign(b"s3cret", first.as_bytes()))];
+    let captured = format!("[{first},{second}]");
+    let tampered = format!("[{first},{second},{forged}]");
+    let api_key = [(
+        "authorization",
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode("key-1:")
+        ),
+    )];
+
+    let (dest, server) = serve(backend, "firstsig", &flags).await;
+    let url = server.url("/v1/webhook");
+    let victim = track("victim", json!({"genuine": true})).to_string();
+    assert_eq!(post_with(&url, victim, &api_key).await.0, 200);
+    for body in [&tampered, &captured] {
+        let (status, answer) = post_with(&url, body.clone(), &first_signed).await;
+        assert_eq!(status, 401, "{answer}");
+        let message = answer["error"].as_str().expect("message");
+        assert!(
+            message.contains("first event") && message.contains("--accept-first-event-signatures"),
+            "{message}"
+        );
+    }
+    let rows = dest.rows(SCHEMA, Table::Track).await;
+    assert_eq!(rows.len(), 1, "nothing of the refused batches is stored");
+    assert_eq!(rows[0]["properties__genuine"], json!(true));
+    assert!(!rows[0].contains_key("properties__forged"));
+    // Credentials that cover the whole body are accepted for a batch.
+    let whole = [("x-signature", sign(b"s3cret", captured.as_bytes()))];
+    assert_eq!(post_with(&url, captured.clone(), &whole).await.0, 200);
+    let (status, answer) = post_with(&url, format!("[{second}]"), &api_key).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(dest.rows(SCHEMA, Table::Track).await.len(), 3);
+    server.stop().await;
+
+    // With the opt-in, the same tampered batch passes: the risk the flag documents.
+    let mut lenient = flags.to_vec();
+    lenient.push("--accept-first-event-signatures");
+    let (dest, server) = serve(backend, "firstsig_optin", &lenient).await;
+    let (status, answer) = post_with(&server.url("/v1/webhook"), tampered, &first_signed).await;
+    assert_eq!(status, 200, "{answer}");
+    let victim = dest
+        .row(SCHEMA, Table::Track, "victim")
+        .await
+        .expect("the appended event was loaded");
+    assert_eq!(victim["properties__forged"], json!(true));
+    server.stop().await;
+}
+
 async fn bad_input_is_refused_and_changes_nothing(backend: Backend) {
     let (dest, server) = serve(backend, "badinput", &["--max-body-bytes", "65536"]).await;
     let url = server.url("/v1/webhook");
@@ -798,6 +856,7 @@ sluice_tests::on_both_backends!(
     type_conflict_goes_to_split_column,
     sql_shaped_keys_become_safe_distinct_columns,
     credentials_are_checked,
+    batch_signed_on_first_event_only_is_refused_by_default,
     bad_input_is_refused_and_changes_nothing,
     two_processes_evolving_one_schema_lose_nothing,
     sigterm_commits_and_answers_what_was_received,

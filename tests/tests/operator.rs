@@ -300,6 +300,7 @@ async fn integration_provisions_credentials_deployment_service_schema_and_status
     assert_eq!(
         tables_in(&url, "shop_events").await,
         [
+            "_sdc_ownership",
             "_sdc_rejected",
             "group",
             "identify",
@@ -375,6 +376,12 @@ async fn integration_provisions_credentials_deployment_service_schema_and_status
         ("SLUICE_LISTEN", "0.0.0.0:8080"),
         ("SLUICE_MAX_BATCH_ROWS", "500"),
         ("SLUICE_MAX_BATCH_DELAY", "20ms"),
+        ("SLUICE_ACCEPT_FIRST_EVENT_SIGNATURES", "false"),
+        ("SLUICE_INTEGRATION_UID", &uid),
+        (
+            "SLUICE_INTEGRATION_NAME",
+            &format!("SegmentIntegration {}/shop", h.namespace),
+        ),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -745,6 +752,188 @@ async fn deletion_with_drop_drops_the_schema_and_removes_the_finalizer() {
     assert_eq!(schemas, 0, "the schema is dropped");
 }
 
+/// Runs `sql` in the database at `url` (as the test server's superuser) and returns the first
+/// column of each row as text.
+async fn query_texts(url: &str, sql: &str) -> Vec<String> {
+    let warehouse = Warehouse::connect(url, "public", 1).expect("warehouse");
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
+        .fetch_all(warehouse.postgres_pool().expect("postgres"))
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+async fn schema_exists(url: &str, schema: &str) -> bool {
+    !query_texts(
+        url,
+        &format!("SELECT nspname::text FROM pg_namespace WHERE nspname = '{schema}'"),
+    )
+    .await
+    .is_empty()
+}
+
+/// Deletes the integration `name` and waits until it is gone (its finalizer has run).
+async fn delete_and_wait(h: &Harness, name: &str) {
+    let api = h.integrations();
+    api.delete(name, &DeleteParams::default())
+        .await
+        .expect("delete the SegmentIntegration");
+    eventually(&format!("{name} to be gone"), || async {
+        api.get_opt(name).await.ok()?.is_none().then_some(())
+    })
+    .await;
+}
+
+/// `deletionPolicy: Drop` on schemas that hold what users made: a schema that existed before
+/// (`public`, with a team's table) is adopted and never dropped; in a schema Sluice created, a
+/// table the user added later survives, and so does the schema. Only Sluice's tables go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_removes_only_what_sluice_created() {
+    let h = Harness::start("drop-owned").await;
+    let url = fresh_database("operator_drop_owned").await;
+    h.put_url_secret("warehouse", &url).await;
+    sluice_tests::postgres::run_as_admin(
+        &url,
+        "CREATE TABLE public.orders (id int PRIMARY KEY); INSERT INTO public.orders VALUES (7)",
+    )
+    .await;
+    for (name, schema) in [("adopter", "public"), ("creator", "fresh_events")] {
+        let mut spec = spec_for("warehouse");
+        spec["schema"] = json!(schema);
+        spec["deletionPolicy"] = json!("Drop");
+        h.create(name, spec).await;
+    }
+    let adopter = h
+        .wait_condition("adopter", "SchemaReady", ConditionStatus::True)
+        .await;
+    let message = condition(&adopter, "SchemaReady")
+        .expect("SchemaReady")
+        .message;
+    assert!(message.contains("existed before"), "{message}");
+    let creator = h
+        .wait_condition("creator", "SchemaReady", ConditionStatus::True)
+        .await;
+    let message = condition(&creator, "SchemaReady")
+        .expect("SchemaReady")
+        .message;
+    assert!(message.contains("created by Sluice"), "{message}");
+    // What the ownership table says about the adopted schema.
+    let claim = query_texts(
+        &url,
+        "SELECT object_type || ':' || object_name || ':' || created FROM public._sdc_ownership \
+         ORDER BY 1",
+    )
+    .await;
+    assert_eq!(
+        claim,
+        [
+            "schema:public:false",
+            "table:_sdc_ownership:true",
+            "table:_sdc_rejected:true",
+            "table:group:true",
+            "table:identify:true",
+            "table:page:true",
+            "table:screen:true",
+            "table:track:true",
+        ]
+    );
+    // A user's table in the schema Sluice created, after the fact.
+    sluice_tests::postgres::run_as_admin(
+        &url,
+        "CREATE TABLE fresh_events.dbt_model (x int); INSERT INTO fresh_events.dbt_model VALUES (1)",
+    )
+    .await;
+
+    delete_and_wait(&h, "adopter").await;
+    delete_and_wait(&h, "creator").await;
+
+    assert_eq!(tables_in(&url, "public").await, ["orders"]);
+    assert_eq!(
+        query_texts(&url, "SELECT id::text FROM public.orders").await,
+        ["7"]
+    );
+    assert_eq!(tables_in(&url, "fresh_events").await, ["dbt_model"]);
+    assert_eq!(
+        query_texts(&url, "SELECT x::text FROM fresh_events.dbt_model").await,
+        ["1"]
+    );
+    // The Event says what was kept and why.
+    let notes: Vec<String> = h
+        .api::<Event>()
+        .list(&Default::default())
+        .await
+        .expect("events")
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("TablesDropped"))
+        .filter_map(|e| e.note)
+        .collect();
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("kept schema public") && n.contains("existed before")),
+        "{notes:?}"
+    );
+    assert!(
+        notes.iter().any(|n| n.contains("kept schema fresh_events")
+            && n.contains("objects Sluice did not create")),
+        "{notes:?}"
+    );
+}
+
+/// Two integrations naming one schema: the second is refused with `SchemaClaimed` instead of
+/// sharing it, and deleting it with `Drop` leaves the first one's tables and rows alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_integration_on_a_claimed_schema_is_refused() {
+    let h = Harness::start("claimed").await;
+    let url = fresh_database("operator_claimed").await;
+    h.put_url_secret("warehouse", &url).await;
+    let mut spec = spec_for("warehouse");
+    spec["schema"] = json!("shared");
+    spec["deletionPolicy"] = json!("Drop");
+    let first = h.create("first", spec.clone()).await;
+    h.wait_condition("first", "SchemaReady", ConditionStatus::True)
+        .await;
+    sluice_tests::postgres::run_as_admin(
+        &url,
+        "INSERT INTO shared.track (message_id, event) VALUES ('m-1', 'Kept')",
+    )
+    .await;
+
+    h.create("second", spec).await;
+    let second = h
+        .wait_condition("second", "SchemaReady", ConditionStatus::False)
+        .await;
+    let refused = condition(&second, "SchemaReady").expect("SchemaReady");
+    assert_eq!(refused.reason, "SchemaClaimed");
+    let first_uid = first.metadata.uid.clone().expect("uid");
+    assert!(
+        refused.message.contains(&format!(
+            "already used by SegmentIntegration {}/first (uid {first_uid})",
+            h.namespace
+        )),
+        "{}",
+        refused.message
+    );
+    let ready = condition(&second, "Ready").expect("Ready");
+    assert_eq!(ready.status, ConditionStatus::False);
+    assert_eq!(ready.message, refused.message);
+
+    delete_and_wait(&h, "second").await;
+    assert_eq!(
+        query_texts(&url, "SELECT event FROM shared.track").await,
+        ["Kept"],
+        "deleting the refused integration dropped nothing"
+    );
+    let still = h
+        .wait_condition("first", "SchemaReady", ConditionStatus::True)
+        .await;
+    assert_eq!(still.metadata.uid, first.metadata.uid);
+
+    // The owner's Drop then removes the schema it created, which holds nothing else.
+    delete_and_wait(&h, "first").await;
+    assert!(!schema_exists(&url, "shared").await);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deletion_with_retain_keeps_every_row() {
     let h = Harness::start("retain").await;
@@ -832,17 +1021,56 @@ async fn ingest_started_as_the_deployment_says_loads_a_signed_webhook() {
         .expect("request");
     assert_eq!(signed.status(), 200, "{:?}", signed.text().await);
 
+    // Batches: a signature of the first event only is refused (the spec does not accept it);
+    // the API key, as Segment's Actions destination can send it, covers the whole batch.
+    let first = json!({
+        "type": "track", "messageId": "op-2", "userId": "u-1", "event": "Batched",
+        "timestamp": "2024-05-01T10:00:00.000Z"
+    })
+    .to_string();
+    let batch = format!("[{first}]");
+    let first_signed = http
+        .post(process.url("/v1/webhook"))
+        .header(
+            "x-signature",
+            sign(shared_secret.as_bytes(), first.as_bytes()),
+        )
+        .body(batch.clone())
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(first_signed.status(), 401);
+    let api_key = env
+        .iter()
+        .find(|(k, _)| k == "SLUICE_API_KEY")
+        .map(|(_, v)| v.clone())
+        .expect("API key");
+    let keyed = http
+        .post(process.url("/v1/webhook"))
+        .basic_auth(api_key, Some(""))
+        .body(batch)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(keyed.status(), 200, "{:?}", keyed.text().await);
+
     let warehouse = Warehouse::connect(&url, "stitch_segment", 1).expect("warehouse");
     let rows: Vec<(String, String)> =
-        sqlx::query_as("SELECT message_id, event FROM stitch_segment.track")
+        sqlx::query_as("SELECT message_id, event FROM stitch_segment.track ORDER BY 1")
             .fetch_all(warehouse.postgres_pool().expect("postgres"))
             .await
             .expect("select rows");
-    assert_eq!(rows, [("op-1".to_owned(), "Order Completed".to_owned())]);
+    assert_eq!(
+        rows,
+        [
+            ("op-1".to_owned(), "Order Completed".to_owned()),
+            ("op-2".to_owned(), "Batched".to_owned())
+        ]
+    );
     // Only the selected tables were created.
     assert_eq!(
         tables_in(&url, "stitch_segment").await,
-        ["_sdc_rejected", "identify", "track"]
+        ["_sdc_ownership", "_sdc_rejected", "identify", "track"]
     );
     process.terminate();
     assert!(process.wait().await, "sluice-ingest exits 0 on SIGTERM");

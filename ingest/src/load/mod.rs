@@ -7,8 +7,11 @@
 //! A job is acknowledged only after the transaction that holds its records has committed.
 
 mod batcher;
+mod objects;
+pub mod ownership;
 pub mod plan;
 mod postgres;
+mod privilege;
 mod sqlite;
 
 use std::time::Duration;
@@ -18,13 +21,13 @@ use sqlx::{AssertSqlSafe, PgPool, SqlitePool};
 use tokio::sync::Mutex;
 
 pub use batcher::{Job, LoadSummary, Loader, LoaderConfig, Submitted};
+pub use ownership::{Claim, Dropped, OWNERSHIP_TABLE, Owner};
 pub use plan::Item;
 
 use crate::event::Table;
 use crate::normalize::ColumnType;
 use crate::schema::{
-    self, Catalog, Dialect, InvalidSchemaName, REJECTED_TABLE, TableColumns, add_column_sql,
-    create_rejected_sql, create_schema_sql, create_table_sql, validate_schema_name,
+    Catalog, Dialect, InvalidSchemaName, TableColumns, add_column_sql, validate_schema_name,
 };
 use plan::{Evolution, TableRows, dedup};
 
@@ -52,6 +55,41 @@ pub enum LoadError {
     /// The loader is shutting down and takes no new work.
     #[error("the loader is shutting down")]
     ShuttingDown,
+    /// The database role lacks a privilege (SQLSTATE 42501): no outage to wait out, but a
+    /// grant to give.
+    #[error("the database role lacks a privilege ({message}); {grant}")]
+    PermissionDenied {
+        /// The database's message.
+        message: String,
+        /// The statement that grants what is missing.
+        grant: String,
+    },
+    /// A table Sluice created cannot be dropped: objects Sluice did not create depend on it.
+    #[error(
+        "cannot drop table {schema}.{table}, which Sluice created: objects Sluice did not create \
+         depend on it ({detail}); drop or change them first (nothing was dropped)"
+    )]
+    DropBlocked {
+        /// The schema.
+        schema: String,
+        /// The table.
+        table: String,
+        /// The database's message and detail, naming the dependent objects.
+        detail: String,
+    },
+    /// Another owner (integration) claimed the schema (see [`ownership`]).
+    #[error(
+        "schema {schema} is already used by {owner} (uid {uid}); two integrations cannot share \
+         a schema: give this one a schema of its own"
+    )]
+    SchemaClaimed {
+        /// The schema.
+        schema: String,
+        /// The name of the owner holding it.
+        owner: String,
+        /// That owner's UID.
+        uid: String,
+    },
 }
 
 /// How an error from the database should be handled.
@@ -88,7 +126,7 @@ enum Pool {
 /// A destination: a database connection pool and the schema Sluice loads into.
 ///
 /// This is also the library entry point the operator uses to create a schema and its tables
-/// ([`Warehouse::ensure_schema`]) and to drop it.
+/// ([`Warehouse::ensure_owned_schema`]) and to drop what it created ([`Warehouse::drop_owned`]).
 #[derive(Debug, Clone)]
 pub struct Warehouse {
     pool: Pool,
@@ -167,42 +205,12 @@ impl Warehouse {
     }
 
     /// Creates the schema, the event tables in `tables` and `_sdc_rejected` if they are
-    /// missing. Safe to run from several processes at once; changes nothing that exists.
+    /// missing. Safe to run from several processes at once; changes nothing that exists, and
+    /// needs no privilege for what exists (a schema created beforehand needs only `USAGE` and
+    /// `CREATE` on it, not `CREATE` on the database).
     pub async fn ensure_schema(&self, tables: &[Table]) -> Result<(), LoadError> {
-        let mut statements: Vec<String> = create_schema_sql(self.dialect(), &self.schema)
-            .into_iter()
-            .collect();
-        statements.extend(tables.iter().map(|t| create_table_sql(&self.schema, *t)));
-        statements.push(create_rejected_sql(&self.schema));
         let mut tx = self.ddl_transaction().await?;
-        for sql in statements {
-            tx.execute(&sql).await.map_err(|e| self.error(e))?;
-        }
-        tx.commit().await.map_err(|e| self.error(e))
-    }
-
-    /// Drops the schema and every row in it (PostgreSQL), or empties the attached database
-    /// file (SQLite). Used by the operator's `Drop` deletion policy.
-    pub async fn drop_schema(&self) -> Result<(), LoadError> {
-        let mut tx = self.ddl_transaction().await?;
-        match self.dialect() {
-            Dialect::Postgres => tx.execute(&schema::drop_schema_sql(&self.schema)).await,
-            Dialect::Sqlite => {
-                let mut result = Ok(());
-                for table in Table::ALL.iter().map(|t| t.name()).chain([REJECTED_TABLE]) {
-                    let sql = format!(
-                        "DROP TABLE IF EXISTS {}",
-                        schema::qualified(&self.schema, table)
-                    );
-                    result = tx.execute(&sql).await;
-                    if result.is_err() {
-                        break;
-                    }
-                }
-                result
-            }
-        }
-        .map_err(|e| self.error(e))?;
+        self.create_missing(&mut tx, tables).await?;
         tx.commit().await.map_err(|e| self.error(e))
     }
 

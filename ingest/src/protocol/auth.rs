@@ -1,6 +1,12 @@
 //! Authentication of webhook requests: Segment's `X-Signature` (HMAC-SHA1 of the raw body with
 //! a shared secret) or HTTP Basic with an API key as the user name (the direct-destination
 //! protocol). With neither configured, the endpoint is open.
+//!
+//! A batch (a JSON array) must carry credentials that cover the whole body: the API key, or a
+//! signature of the whole body. Segment's Webhooks (Actions) destination signs only the first
+//! event of a batch; such a signature says nothing about the events after it, so anyone who
+//! holds one signed batch could append events and replay it, overwriting rows by `messageId`.
+//! Accepting it is an explicit opt-in ([`Auth::accept_first_event_signatures`]).
 
 use axum::http::HeaderMap;
 use axum::http::header::AUTHORIZATION;
@@ -15,6 +21,7 @@ use sha1::Sha1;
 pub struct Auth {
     shared_secret: Option<Vec<u8>>,
     api_key: Option<String>,
+    first_event_signatures: bool,
 }
 
 impl std::fmt::Debug for Auth {
@@ -22,16 +29,28 @@ impl std::fmt::Debug for Auth {
         f.debug_struct("Auth")
             .field("shared_secret", &self.shared_secret.as_ref().map(|_| "***"))
             .field("api_key", &self.api_key.as_ref().map(|_| "***"))
+            .field("first_event_signatures", &self.first_event_signatures)
             .finish()
     }
 }
 
 /// A request without acceptable credentials.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "missing or wrong credentials: sign the body with the shared secret (X-Signature) or send the API key as the Basic user name"
-)]
-pub struct Unauthorized;
+pub enum Unauthorized {
+    /// No credentials, or wrong ones.
+    #[error(
+        "missing or wrong credentials: sign the body with the shared secret (X-Signature) or send the API key as the Basic user name"
+    )]
+    Missing,
+    /// A batch whose signature covers only its first event, while that is not accepted.
+    #[error(
+        "missing or wrong credentials for this batch: its X-Signature signs only the first event, \
+         which does not protect the other events; send the API key as the Basic user name \
+         (Authorization header), sign the whole body, or start sluice-ingest with \
+         --accept-first-event-signatures to accept such batches"
+    )]
+    FirstEventOnly,
+}
 
 impl Auth {
     /// Credentials from configuration; empty strings count as not set.
@@ -41,7 +60,17 @@ impl Auth {
                 .filter(|s| !s.is_empty())
                 .map(|s| s.as_bytes().to_vec()),
             api_key: api_key.filter(|s| !s.is_empty()).map(str::to_owned),
+            first_event_signatures: false,
         }
+    }
+
+    /// Whether a JSON array whose `X-Signature` signs only its first element is accepted, as
+    /// Segment's Webhooks (Actions) destination signs batches. Off by default: the signature
+    /// does not cover the other events, so a captured signed batch with events appended would
+    /// pass, and its upserts could overwrite any row by `messageId`.
+    pub fn accept_first_event_signatures(mut self, accept: bool) -> Auth {
+        self.first_event_signatures = accept;
+        self
     }
 
     /// Whether requests are accepted without credentials.
@@ -49,8 +78,8 @@ impl Auth {
         self.shared_secret.is_none() && self.api_key.is_none()
     }
 
-    /// Checks a request. A signed Webhooks (Actions) batch may carry the signature of its first
-    /// event only, so for a JSON array that signature is accepted too.
+    /// Checks a request: the API key, or a signature of the whole body; for a JSON array, a
+    /// signature of its first event only when [`Auth::accept_first_event_signatures`] is on.
     pub fn check(&self, headers: &HeaderMap, body: &[u8]) -> Result<(), Unauthorized> {
         if self.is_open() {
             return Ok(());
@@ -71,10 +100,14 @@ impl Auth {
             if let Some(first) = first_array_element(body)
                 && verify(secret, first.as_bytes(), &signature)
             {
-                return Ok(());
+                return if self.first_event_signatures {
+                    Ok(())
+                } else {
+                    Err(Unauthorized::FirstEventOnly)
+                };
             }
         }
-        Err(Unauthorized)
+        Err(Unauthorized::Missing)
     }
 }
 
@@ -149,21 +182,48 @@ mod tests {
         let good = headers(&[("x-signature", sign(b"s3cret", body))]);
         assert_eq!(auth.check(&good, body), Ok(()));
         let wrong = headers(&[("x-signature", sign(b"other", body))]);
-        assert_eq!(auth.check(&wrong, body), Err(Unauthorized));
-        assert_eq!(auth.check(&HeaderMap::new(), body), Err(Unauthorized));
+        assert_eq!(auth.check(&wrong, body), Err(Unauthorized::Missing));
+        assert_eq!(
+            auth.check(&HeaderMap::new(), body),
+            Err(Unauthorized::Missing)
+        );
         assert_eq!(
             auth.check(&headers(&[("x-signature", "zz".into())]), body),
-            Err(Unauthorized)
+            Err(Unauthorized::Missing)
         );
     }
 
     #[test]
-    fn batch_signed_on_first_event_is_accepted() {
-        let auth = Auth::new(Some("k"), None);
+    fn batch_signed_on_first_event_is_refused_unless_accepted() {
         let first = r#"{"type":"track","messageId":"1"}"#;
         let body = format!("[{first}, {{\"type\":\"page\"}}]");
         let h = headers(&[("x-signature", sign(b"k", first.as_bytes()))]);
-        assert_eq!(auth.check(&h, body.as_bytes()), Ok(()));
+        let strict = Auth::new(Some("k"), None);
+        assert_eq!(
+            strict.check(&h, body.as_bytes()),
+            Err(Unauthorized::FirstEventOnly)
+        );
+        let lenient = Auth::new(Some("k"), None).accept_first_event_signatures(true);
+        assert_eq!(lenient.check(&h, body.as_bytes()), Ok(()));
+        // The opt-in is about batches: a single event is always signed whole.
+        let single = headers(&[("x-signature", sign(b"k", b"{}"))]);
+        assert_eq!(
+            lenient.check(&single, br#"{"type":"track"}"#),
+            Err(Unauthorized::Missing)
+        );
+    }
+
+    #[test]
+    fn batch_with_whole_body_credentials_is_accepted() {
+        let body = br#"[{"type":"track","messageId":"1"},{"type":"page"}]"#;
+        let auth = Auth::new(Some("k"), Some("key1"));
+        let signed = headers(&[("x-signature", sign(b"k", body))]);
+        assert_eq!(auth.check(&signed, body), Ok(()));
+        let keyed = headers(&[(
+            "authorization",
+            format!("Basic {}", STANDARD.encode("key1:")),
+        )]);
+        assert_eq!(auth.check(&keyed, body), Ok(()));
     }
 
     #[test]
@@ -176,11 +236,14 @@ mod tests {
             )])
         };
         assert_eq!(auth.check(&basic("key1:"), b"{}"), Ok(()));
-        assert_eq!(auth.check(&basic("key2:"), b"{}"), Err(Unauthorized));
-        assert_eq!(auth.check(&basic("key"), b"{}"), Err(Unauthorized));
+        assert_eq!(
+            auth.check(&basic("key2:"), b"{}"),
+            Err(Unauthorized::Missing)
+        );
+        assert_eq!(auth.check(&basic("key"), b"{}"), Err(Unauthorized::Missing));
         assert_eq!(
             auth.check(&headers(&[("authorization", "Bearer key1".into())]), b"{}"),
-            Err(Unauthorized)
+            Err(Unauthorized::Missing)
         );
     }
 }

@@ -7,6 +7,9 @@
 //! | `GET /readyz` | the database answers and the schema's tables exist |
 //! | `GET /metrics` | Prometheus text |
 //!
+//! The server answers from the start; until the schema is prepared ([`crate::startup`]),
+//! `/readyz` and the event routes answer 503 with `Retry-After` and the reason.
+//!
 //! Answers: 200 only after the events are committed; 400 with `{"error": ...}` for bad input;
 //! 401 for wrong credentials; 413 for a body over the limit; 501 for a user deletion request;
 //! 503 with `Retry-After` when the database is unavailable or the queue is full.
@@ -34,6 +37,7 @@ use crate::event::{Call, InvalidEvent, Table, json_kind, validate};
 use crate::load::{LoadError, Loader, RETRY_AFTER, Warehouse};
 use crate::metrics::Metrics;
 use crate::normalize::{Record, normalize};
+use crate::startup::Readiness;
 
 /// The most events one webhook request may carry (Segment's Webhooks (Actions) batch size).
 pub const MAX_BATCH_EVENTS: usize = 4000;
@@ -57,6 +61,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// The largest request body accepted, in bytes.
     pub max_body_bytes: usize,
+    /// Whether the schema is prepared; events wait for it.
+    pub readiness: Readiness,
 }
 
 /// The router of the ingest service.
@@ -73,6 +79,11 @@ pub fn router(state: AppState) -> Router {
             ),
         )
         .route("/v1/{call}", axum::routing::post(tracking::tracking))
+        // Only the event routes above wait for the schema; the probes and metrics below do not.
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_prepared,
+        ))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -88,6 +99,18 @@ pub fn router(state: AppState) -> Router {
         ))
         .layer(middleware::from_fn_with_state(state.clone(), count_status))
         .with_state(state)
+}
+
+/// Answers 503 with `Retry-After` and the reason while the schema is not prepared yet.
+async fn require_prepared(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match state.readiness.waiting_for() {
+        Some(reason) => unavailable(format!("not ready to load events yet: {reason}")),
+        None => next.run(request).await,
+    }
 }
 
 async fn count_status(
@@ -270,6 +293,9 @@ async fn commit(
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    if let Some(reason) = state.readiness.waiting_for() {
+        return unavailable(reason);
+    }
     let check = tokio::time::timeout(Duration::from_secs(3), state.warehouse.ready(&state.tables));
     match check.await {
         Ok(Ok(())) => (StatusCode::OK, "ready\n").into_response(),
