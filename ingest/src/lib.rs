@@ -4,7 +4,9 @@
 //! The pieces, in the order an event meets them:
 //! [`protocol`] (routes, authentication) -> [`event`] (validation) -> [`normalize`] (flat,
 //! typed records) -> [`load`] (queue, batcher, writers) -> the tables of [`schema`].
-//! [`run`] wires them together; the operator uses [`load::Warehouse`] to create schemas.
+//! [`run`] wires them together and serves at once, while [`startup`] prepares the schema; the
+//! operator uses [`load::Warehouse`] to create schemas and to drop what it created
+//! ([`load::ownership`]).
 
 pub mod config;
 pub mod event;
