@@ -3,6 +3,7 @@
 //!
 //! This is the one place that knows the tables. Everything else asks [`Table`].
 
+use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
 
@@ -102,7 +103,8 @@ pub enum InvalidEvent {
     /// A `type` Segment does not define.
     #[error("unknown type {0:?}: expected one of track, identify, page, screen, group, alias")]
     UnknownType(String),
-    /// A required field is absent, empty or not a string.
+    /// A required field is absent, empty or not of a type that holds a value (an identity
+    /// field may be any scalar: string, number or boolean; other fields must be strings).
     #[error("missing \"{0}\": a {1} event needs it as a non-empty string")]
     MissingField(&'static str, &'static str),
     /// Neither `userId` nor `anonymousId` is present.
@@ -134,6 +136,34 @@ pub fn call_of(event: &Map<String, Value>) -> Result<Call, InvalidEvent> {
         .map_err(|_| InvalidEvent::UnknownType(kind.to_owned()))
 }
 
+/// Segment's identity fields. The spec types them as strings, but Segment's own libraries send
+/// numbers too (analytics-python passes `groupId` and `previousId` through as the caller gave
+/// them), so Sluice accepts any scalar and stores its text ([`id_text`]).
+pub const IDENTITY_KEYS: [&str; 5] = [
+    "messageId",
+    "userId",
+    "anonymousId",
+    "groupId",
+    "previousId",
+];
+
+/// The text of an identity field: a non-empty string as it is, a number as its exact decimal
+/// text (`150004`, `9007199254740993`, digits beyond 64 bits too), a boolean as `true` or
+/// `false`. `None` for null, an empty string, an array or an object. So `150004` and
+/// `"150004"` are the same `messageId`, and the same user.
+pub fn id_text(value: &Value) -> Option<Cow<'_, str>> {
+    match value {
+        Value::String(s) if s.is_empty() => None,
+        Value::String(s) => Some(match crate::json::special(s) {
+            Some(special) => Cow::Owned(special.text().into_owned()),
+            None => Cow::Borrowed(s.as_str()),
+        }),
+        Value::Number(n) => Some(Cow::Owned(n.to_string())),
+        Value::Bool(b) => Some(Cow::Borrowed(if *b { "true" } else { "false" })),
+        Value::Null | Value::Array(_) | Value::Object(_) => None,
+    }
+}
+
 /// Checks that an event is complete: a known `type`, a `messageId`, and the identity fields the
 /// Segment spec requires for that call.
 pub fn validate(event: &Value) -> Result<Envelope, InvalidEvent> {
@@ -145,13 +175,13 @@ pub fn validate(event: &Value) -> Result<Envelope, InvalidEvent> {
         Call::Load(table) => table.name(),
         Call::Delete => "delete",
     };
-    let message_id = required_string(object, "messageId", name)?.to_owned();
+    let message_id = required_id(object, "messageId", name)?.into_owned();
     if let Call::Load(table) = call {
-        let has = |key| non_empty_string(object, key).is_some();
+        let has = |key| object.get(key).and_then(id_text).is_some();
         match table {
             Table::Alias => {
-                required_string(object, "userId", name)?;
-                required_string(object, "previousId", name)?;
+                required_id(object, "userId", name)?;
+                required_id(object, "previousId", name)?;
             }
             _ if !has("userId") && !has("anonymousId") => {
                 return Err(InvalidEvent::MissingIdentity(name));
@@ -160,7 +190,7 @@ pub fn validate(event: &Value) -> Result<Envelope, InvalidEvent> {
                 required_string(object, "event", name)?;
             }
             Table::Group => {
-                required_string(object, "groupId", name)?;
+                required_id(object, "groupId", name)?;
             }
             Table::Identify | Table::Page | Table::Screen => {}
         }
@@ -168,11 +198,15 @@ pub fn validate(event: &Value) -> Result<Envelope, InvalidEvent> {
     Ok(Envelope { call, message_id })
 }
 
-fn non_empty_string<'a>(object: &'a Map<String, Value>, key: &str) -> Option<&'a str> {
+fn required_id<'a>(
+    object: &'a Map<String, Value>,
+    key: &'static str,
+    call: &'static str,
+) -> Result<Cow<'a, str>, InvalidEvent> {
     object
         .get(key)
-        .and_then(Value::as_str)
-        .filter(|s| !s.is_empty())
+        .and_then(id_text)
+        .ok_or(InvalidEvent::MissingField(key, call))
 }
 
 fn required_string<'a>(
@@ -180,7 +214,11 @@ fn required_string<'a>(
     key: &'static str,
     call: &'static str,
 ) -> Result<&'a str, InvalidEvent> {
-    non_empty_string(object, key).ok_or(InvalidEvent::MissingField(key, call))
+    object
+        .get(key)
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .ok_or(InvalidEvent::MissingField(key, call))
 }
 
 /// The JSON type of a value, for error messages.
@@ -253,6 +291,26 @@ mod tests {
         for (event, expected) in cases {
             assert_eq!(validate(&event), Err(expected), "{event}");
         }
+    }
+
+    #[test]
+    fn identity_fields_of_any_scalar_type_are_accepted() {
+        let event = json!({"type": "group", "messageId": 150004, "userId": 12345, "groupId": 42});
+        assert_eq!(
+            validate(&event).map(|e| e.message_id),
+            Ok("150004".to_owned())
+        );
+        let event = json!({"type": "alias", "messageId": "m", "userId": true, "previousId": 9.5});
+        assert!(validate(&event).is_ok());
+        assert_eq!(
+            id_text(&json!(9007199254740993i64)).as_deref(),
+            Some("9007199254740993")
+        );
+        for missing in [json!(null), json!(""), json!([1]), json!({"a": 1})] {
+            assert_eq!(id_text(&missing), None, "{missing}");
+        }
+        let event = json!({"type": "page", "messageId": "m", "userId": ""});
+        assert_eq!(validate(&event), Err(InvalidEvent::MissingIdentity("page")));
     }
 
     #[test]

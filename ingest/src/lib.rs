@@ -2,16 +2,19 @@
 //! `message_id`, into Stitch-compatible tables in PostgreSQL or SQLite.
 //!
 //! The pieces, in the order an event meets them:
-//! [`protocol`] (routes, authentication) -> [`event`] (validation) -> [`normalize`] (flat,
-//! typed records) -> [`load`] (queue, batcher, writers) -> the tables of [`schema`].
+//! [`protocol`] (routes, authentication) -> [`json`] (lenient decoding) -> [`event`]
+//! (validation) -> [`normalize`] (flat, typed records) -> [`load`] (queue, batcher, writers,
+//! with [`naming`] for column names) -> the tables of [`schema`].
 //! [`run`] wires them together and serves at once, while [`startup`] prepares the schema; the
 //! operator uses [`load::Warehouse`] to create schemas and to drop what it created
 //! ([`load::ownership`]).
 
 pub mod config;
 pub mod event;
+pub mod json;
 pub mod load;
 pub mod metrics;
+pub mod naming;
 pub mod normalize;
 pub mod protocol;
 pub mod schema;

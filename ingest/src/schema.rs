@@ -6,10 +6,91 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::event::Table;
-use crate::normalize::ColumnType;
+use crate::naming::{self, Claim, KeyPath};
+
+/// The SQL type of a column, as Sluice creates it. The same names serve PostgreSQL and SQLite
+/// (SQLite keeps declared type names verbatim and derives a fitting affinity from them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ColumnType {
+    /// `text`
+    Text,
+    /// `bigint`
+    BigInt,
+    /// `double precision`
+    Double,
+    /// `boolean`
+    Boolean,
+    /// `timestamptz`
+    Timestamp,
+    /// `jsonb`
+    Json,
+}
+
+impl ColumnType {
+    /// Every column type.
+    pub const ALL: [ColumnType; 6] = [
+        ColumnType::Text,
+        ColumnType::BigInt,
+        ColumnType::Double,
+        ColumnType::Boolean,
+        ColumnType::Timestamp,
+        ColumnType::Json,
+    ];
+
+    /// The type's name in DDL.
+    pub fn sql(self) -> &'static str {
+        match self {
+            ColumnType::Text => "text",
+            ColumnType::BigInt => "bigint",
+            ColumnType::Double => "double precision",
+            ColumnType::Boolean => "boolean",
+            ColumnType::Timestamp => "timestamptz",
+            ColumnType::Json => "jsonb",
+        }
+    }
+
+    /// The suffix of the split column that holds values of this type when a column of the same
+    /// key path already has another type (Stitch's convention; `__js` is Sluice's for JSON).
+    pub fn split_suffix(self) -> &'static str {
+        match self {
+            ColumnType::Text => "__st",
+            ColumnType::BigInt => "__bi",
+            ColumnType::Double => "__do",
+            ColumnType::Boolean => "__bo",
+            ColumnType::Timestamp => "__ti",
+            ColumnType::Json => "__js",
+        }
+    }
+
+    /// Reads a type name from a database catalog: PostgreSQL's `format_type` spelling or
+    /// the declared type that SQLite keeps. `None` for types Sluice never creates.
+    pub fn from_catalog(name: &str) -> Option<ColumnType> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "text" => Some(ColumnType::Text),
+            "bigint" => Some(ColumnType::BigInt),
+            "double precision" => Some(ColumnType::Double),
+            "boolean" => Some(ColumnType::Boolean),
+            "timestamptz" | "timestamp with time zone" => Some(ColumnType::Timestamp),
+            "jsonb" => Some(ColumnType::Json),
+            _ => None,
+        }
+    }
+
+    /// Whether a column of this type can store a value of type `value`: the same type, or an
+    /// integer in a `double precision` column (JSON writers print `10.0` as `10`).
+    pub fn accepts(self, value: ColumnType) -> bool {
+        self == value || (self == ColumnType::Double && value == ColumnType::BigInt)
+    }
+}
+
+impl fmt::Display for ColumnType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.sql())
+    }
+}
 
 /// The SQL dialect of a destination.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,30 +188,42 @@ pub fn schema_name_from_display_name(display_name: &str) -> String {
     name
 }
 
+/// A column every event table is created with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BaseColumn {
+    /// The column name.
+    pub name: &'static str,
+    /// Its type.
+    pub ty: ColumnType,
+    /// The top-level Segment key it holds (`None` for Sluice's system columns).
+    pub key: Option<&'static str>,
+}
+
 /// The columns every table is created with: the key, Sluice's system columns, the fields every
 /// Segment call has, and the fields its own call requires. Other columns appear as keys arrive.
-pub fn base_columns(table: Table) -> Vec<(&'static str, ColumnType)> {
+pub fn base_columns(table: Table) -> Vec<BaseColumn> {
     use ColumnType::*;
+    let column = |name, ty, key| BaseColumn { name, ty, key };
     let mut columns = vec![
-        ("message_id", Text),
-        ("_sdc_received_at", Timestamp),
-        ("_sdc_batched_at", Timestamp),
-        ("_sdc_sequence", BigInt),
-        ("_sdc_table_version", BigInt),
-        (OVERFLOW_COLUMN, Json),
-        ("type", Text),
-        ("user_id", Text),
-        ("anonymous_id", Text),
-        ("timestamp", Timestamp),
-        ("original_timestamp", Timestamp),
-        ("sent_at", Timestamp),
-        ("received_at", Timestamp),
+        column("message_id", Text, Some("messageId")),
+        column("_sdc_received_at", Timestamp, None),
+        column("_sdc_batched_at", Timestamp, None),
+        column("_sdc_sequence", BigInt, None),
+        column("_sdc_table_version", BigInt, None),
+        column(OVERFLOW_COLUMN, Json, None),
+        column("type", Text, Some("type")),
+        column("user_id", Text, Some("userId")),
+        column("anonymous_id", Text, Some("anonymousId")),
+        column("timestamp", Timestamp, Some("timestamp")),
+        column("original_timestamp", Timestamp, Some("originalTimestamp")),
+        column("sent_at", Timestamp, Some("sentAt")),
+        column("received_at", Timestamp, Some("receivedAt")),
     ];
     columns.extend(match table {
-        Table::Alias => vec![("previous_id", Text)],
-        Table::Group => vec![("group_id", Text)],
-        Table::Page | Table::Screen => vec![("name", Text)],
-        Table::Track => vec![("event", Text)],
+        Table::Alias => vec![column("previous_id", Text, Some("previousId"))],
+        Table::Group => vec![column("group_id", Text, Some("groupId"))],
+        Table::Page | Table::Screen => vec![column("name", Text, Some("name"))],
+        Table::Track => vec![column("event", Text, Some("event"))],
         Table::Identify => vec![],
     });
     columns
@@ -151,13 +244,13 @@ pub fn create_schema_sql(dialect: Dialect, schema: &str) -> Option<String> {
 pub fn create_table_sql(schema: &str, table: Table) -> String {
     let columns = base_columns(table)
         .into_iter()
-        .map(|(name, ty)| {
-            let key = if name == "message_id" {
+        .map(|c| {
+            let key = if c.name == "message_id" {
                 " NOT NULL PRIMARY KEY"
             } else {
                 ""
             };
-            format!("{} {}{key}", quote_ident(name), ty.sql())
+            format!("{} {}{key}", quote_ident(c.name), c.ty.sql())
         })
         .collect::<Vec<_>>()
         .join(", ");
@@ -196,38 +289,247 @@ pub fn insert_rejected_sql(dialect: Dialect, schema: &str) -> String {
     )
 }
 
-/// `ALTER TABLE ... ADD COLUMN`. Run under the schema's DDL lock after reading the catalog, so
-/// it never races another writer (SQLite has no `IF NOT EXISTS` here, so the lock is the guard
-/// on both databases).
-pub fn add_column_sql(schema: &str, table: Table, column: &str, ty: ColumnType) -> String {
+/// `ALTER TABLE ... ADD COLUMN` for each of `columns`: one statement on PostgreSQL (which adds
+/// them all in one catalog change), one per column on SQLite (which takes one at a time). Run
+/// under the schema's DDL lock after reading the catalog, so it never races another writer.
+pub fn add_columns_sql(
+    dialect: Dialect,
+    schema: &str,
+    table: Table,
+    columns: &[(&str, ColumnType)],
+) -> Vec<String> {
+    let alter = format!("ALTER TABLE {}", qualified(schema, table.name()));
+    let add =
+        |(name, ty): &(&str, ColumnType)| format!("ADD COLUMN {} {}", quote_ident(name), ty.sql());
+    match dialect {
+        Dialect::Postgres if !columns.is_empty() => vec![format!(
+            "{alter} {}",
+            columns.iter().map(add).collect::<Vec<_>>().join(", ")
+        )],
+        Dialect::Postgres => Vec::new(),
+        Dialect::Sqlite => columns
+            .iter()
+            .map(|column| format!("{alter} {}", add(column)))
+            .collect(),
+    }
+}
+
+/// The table that records which key path each column holds.
+pub const COLUMNS_TABLE: &str = "_sdc_columns";
+
+/// `CREATE TABLE IF NOT EXISTS` for `_sdc_columns`: one row per column of every event table,
+/// written in the same transaction as the DDL that adds the column. `key_path` is the JSON
+/// array of keys from the event's top level (NULL for Sluice's system columns); `column_type` the
+/// type of values the column was made for; `split_of` the column whose type conflict made it
+/// (NULL for the first column of a key path).
+pub fn create_columns_sql(schema: &str) -> String {
     format!(
-        "ALTER TABLE {} ADD COLUMN {} {}",
-        qualified(schema, table.name()),
-        quote_ident(column),
-        ty.sql()
+        "CREATE TABLE IF NOT EXISTS {} (\"table_name\" text NOT NULL, \"column_name\" text NOT NULL, \
+         \"key_path\" text, \"column_type\" text NOT NULL, \"split_of\" text, \
+         \"_sdc_added_at\" timestamptz NOT NULL, PRIMARY KEY (\"table_name\", \"column_name\"))",
+        qualified(schema, COLUMNS_TABLE)
     )
 }
 
-/// The columns of one table as the database reports them. A type Sluice never creates (a
-/// column someone altered by hand) is `None`: no value is written to it, values go to a split.
+/// A column recorded in `_sdc_columns`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColumnRecord {
+    /// The event table.
+    pub table: Table,
+    /// The column.
+    pub column: String,
+    /// The key path whose values it holds; `None` for Sluice's system columns.
+    pub key_path: Option<KeyPath>,
+    /// The type of values it was made for.
+    pub column_type: ColumnType,
+    /// The first column of the same key path, when this one is a split.
+    pub split_of: Option<String>,
+}
+
+impl ColumnRecord {
+    /// The records of a table's base columns, written when the table is created.
+    pub fn base(table: Table) -> Vec<ColumnRecord> {
+        base_columns(table)
+            .into_iter()
+            .map(|c| ColumnRecord {
+                table,
+                column: c.name.to_owned(),
+                key_path: c.key.map(|k| KeyPath::new([k])),
+                column_type: c.ty,
+                split_of: None,
+            })
+            .collect()
+    }
+}
+
+/// `INSERT` of `rows` records into `_sdc_columns`, ignoring ones already there. Parameters, per
+/// record in order: table name, column name, key path (JSON text), column type, split of,
+/// added at.
+pub fn insert_columns_sql(dialect: Dialect, schema: &str, rows: usize) -> String {
+    let tuples = (0..rows)
+        .map(|r| {
+            let placeholders = (1..=6)
+                .map(|i| match dialect {
+                    Dialect::Postgres => format!("${}", r * 6 + i),
+                    Dialect::Sqlite => format!("?{}", r * 6 + i),
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            format!("({placeholders})")
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "INSERT INTO {} (\"table_name\", \"column_name\", \"key_path\", \"column_type\", \"split_of\", \
+         \"_sdc_added_at\") VALUES {tuples} ON CONFLICT DO NOTHING",
+        qualified(schema, COLUMNS_TABLE)
+    )
+}
+
+/// One column of a key path, as the planner needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathColumn {
+    /// The column name.
+    pub name: String,
+    /// Its type in the database (`None` for a type Sluice does not write: altered by hand).
+    pub sql_type: Option<ColumnType>,
+    /// The type of values it was made for.
+    pub made_for: ColumnType,
+}
+
+/// The columns of one table: what the database reports, and what `_sdc_columns` records.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TableColumns(pub FxHashMap<String, Option<ColumnType>>);
+pub struct TableColumns {
+    /// Every column and its type. A type Sluice never creates (a column someone altered by
+    /// hand) is `None`: no value is written to it; values of its key path go to a split.
+    pub columns: FxHashMap<String, Option<ColumnType>>,
+    /// The columns of each recorded key path: its first column, then its splits.
+    pub paths: FxHashMap<KeyPath, Vec<PathColumn>>,
+    /// Every column name recorded in `_sdc_columns` (system columns too).
+    pub recorded: FxHashSet<String>,
+}
 
 impl TableColumns {
     /// The type of `column`, if it exists: `Some(None)` for a type Sluice does not write.
     pub fn get(&self, column: &str) -> Option<Option<ColumnType>> {
-        self.0.get(column).copied()
+        self.columns.get(column).copied()
     }
 
     /// How many columns the table has.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.columns.len()
     }
 
     /// Whether the table has no columns (does not exist).
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.columns.is_empty()
     }
+
+    /// Whether a name is free for a new column.
+    fn claim(&self, name: &str) -> Claim {
+        if self.recorded.contains(name) {
+            Claim::Taken
+        } else if self.columns.contains_key(name) {
+            Claim::Unrecorded
+        } else {
+            Claim::Free
+        }
+    }
+
+    /// Adds a column and its record (as the database will have them once the DDL commits).
+    pub fn insert(&mut self, record: &ColumnRecord, sql_type: Option<ColumnType>) {
+        self.columns.insert(record.column.clone(), sql_type);
+        self.recorded.insert(record.column.clone());
+        if let Some(path) = &record.key_path {
+            let column = PathColumn {
+                name: record.column.clone(),
+                sql_type,
+                made_for: record.column_type,
+            };
+            let columns = self.paths.entry(path.clone()).or_default();
+            // The first column of a path comes first, whatever order the records came in.
+            if record.split_of.is_none() {
+                columns.insert(0, column);
+            } else {
+                columns.push(column);
+            }
+        }
+    }
+
+    /// The columns to add so that every `(key path, type)` of `needs` has a column that takes
+    /// its values, in the order they get them: key paths whose candidate name is clean first
+    /// (so `user_id` keeps `properties__user_id` when `userId` arrives with it), then by key
+    /// path. A path's first column is named by [`naming::assign`]; a later type gets a split
+    /// column (`<first>__st`, ...). Stops at [`COLUMN_LIMIT`] columns: later values go to
+    /// `_sdc_overflow`. Pure: the caller runs the DDL and records what this returns.
+    pub fn plan_columns(&self, table: Table, needs: &[(KeyPath, ColumnType)]) -> Vec<NewColumn> {
+        let mut sorted: Vec<(&KeyPath, ColumnType, (bool, bool))> = needs
+            .iter()
+            .map(|(path, ty)| {
+                let c = naming::candidate(path);
+                (path, *ty, (!c.exact, !c.clean))
+            })
+            .collect();
+        sorted.sort_by(|a, b| (a.2, a.0, a.1).cmp(&(b.2, b.0, b.1)));
+        sorted.dedup_by(|a, b| a.0 == b.0 && a.1 == b.1);
+        let mut planned = self.clone();
+        let mut new = Vec::new();
+        for (path, ty, _) in sorted {
+            // At most two rounds: a first column adopted from before `_sdc_columns` may have
+            // another type, and then the value needs a split as well.
+            for _ in 0..2 {
+                if planned.len() >= COLUMN_LIMIT {
+                    return new;
+                }
+                let existing = planned.paths.get(path);
+                let served = existing.is_some_and(|cols| {
+                    cols.iter()
+                        .any(|c| c.made_for == ty || c.sql_type.is_some_and(|t| t.accepts(ty)))
+                });
+                if served {
+                    break;
+                }
+                let split_of = existing
+                    .and_then(|cols| cols.first())
+                    .map(|c| c.name.clone());
+                let name = match &split_of {
+                    None => naming::assign(path, |n| planned.claim(n)),
+                    Some(first) => {
+                        let split = naming::split_column_name(first, ty);
+                        if planned.claim(&split) == Claim::Taken {
+                            naming::assign(&KeyPath::new([split.as_str()]), |n| planned.claim(n))
+                        } else {
+                            split
+                        }
+                    }
+                };
+                let adopted = planned.get(&name);
+                let record = ColumnRecord {
+                    table,
+                    column: name,
+                    key_path: Some(path.clone()),
+                    column_type: adopted.flatten().unwrap_or(ty),
+                    split_of,
+                };
+                planned.insert(&record, adopted.unwrap_or(Some(ty)));
+                new.push(NewColumn {
+                    exists: adopted.is_some(),
+                    record,
+                });
+            }
+        }
+        new
+    }
+}
+
+/// A column [`TableColumns::plan_columns`] decided on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewColumn {
+    /// What `_sdc_columns` records for it.
+    pub record: ColumnRecord,
+    /// Whether the column exists already (made before `_sdc_columns` was kept): it is
+    /// recorded, not added.
+    pub exists: bool,
 }
 
 /// What the database holds for each event table of a schema.
@@ -241,6 +543,35 @@ impl Catalog {
         self.0
             .get(&table)
             .unwrap_or_else(|| EMPTY.get_or_init(TableColumns::default))
+    }
+
+    /// Builds a catalog from the database's `(table, column, type)` list and the records of
+    /// `_sdc_columns`. Tables other than the event tables are left out.
+    pub fn from_rows(
+        columns: impl IntoIterator<Item = (String, String, String)>,
+        records: impl IntoIterator<Item = ColumnRecord>,
+    ) -> Catalog {
+        let mut catalog = Catalog::default();
+        for (table, column, ty) in columns {
+            if let Ok(table) = table.parse::<Table>() {
+                catalog
+                    .0
+                    .entry(table)
+                    .or_default()
+                    .columns
+                    .insert(column, ColumnType::from_catalog(&ty));
+            }
+        }
+        for record in records {
+            let Some(columns) = catalog.0.get_mut(&record.table) else {
+                continue;
+            };
+            // A record whose column is gone (dropped by hand) no longer maps its key path.
+            if let Some(sql_type) = columns.get(&record.column) {
+                columns.insert(&record, sql_type);
+            }
+        }
+        catalog
     }
 }
 
@@ -312,11 +643,162 @@ mod tests {
     }
 
     #[test]
-    fn add_column_quotes_generated_names() {
-        let sql = add_column_sql("s", Table::Track, "x\"; drop", ColumnType::BigInt);
+    fn add_columns_quotes_generated_names() {
+        let columns = [("x\"; drop", ColumnType::BigInt), ("b", ColumnType::Text)];
         assert_eq!(
-            sql,
-            "ALTER TABLE \"s\".\"track\" ADD COLUMN \"x\"\"; drop\" bigint"
+            add_columns_sql(Dialect::Postgres, "s", Table::Track, &columns),
+            vec![
+                "ALTER TABLE \"s\".\"track\" ADD COLUMN \"x\"\"; drop\" bigint, ADD COLUMN \"b\" text"
+            ]
+        );
+        assert_eq!(
+            add_columns_sql(Dialect::Sqlite, "s", Table::Track, &columns),
+            vec![
+                "ALTER TABLE \"s\".\"track\" ADD COLUMN \"x\"\"; drop\" bigint",
+                "ALTER TABLE \"s\".\"track\" ADD COLUMN \"b\" text"
+            ]
+        );
+    }
+
+    #[test]
+    fn catalog_type_names_round_trip() {
+        for t in ColumnType::ALL {
+            assert_eq!(ColumnType::from_catalog(t.sql()), Some(t));
+        }
+        assert_eq!(
+            ColumnType::from_catalog("timestamp with time zone"),
+            Some(ColumnType::Timestamp)
+        );
+        assert_eq!(ColumnType::from_catalog("numeric"), None);
+    }
+
+    fn new_table(table: Table) -> TableColumns {
+        let mut columns = TableColumns::default();
+        for record in ColumnRecord::base(table) {
+            columns.insert(&record, Some(record.column_type));
+        }
+        columns
+    }
+
+    fn path(keys: &[&str]) -> KeyPath {
+        KeyPath::new(keys.iter().copied())
+    }
+
+    #[test]
+    fn clean_names_win_among_keys_that_arrive_together() {
+        let table = new_table(Table::Track);
+        let needs = [
+            (path(&["properties", "UserID"]), ColumnType::Text),
+            (path(&["properties", "userId"]), ColumnType::Text),
+            (path(&["properties", "user_id"]), ColumnType::Text),
+            (path(&["user_id"]), ColumnType::Text),
+            (path(&["xmin"]), ColumnType::BigInt),
+        ];
+        let new = table.plan_columns(Table::Track, &needs);
+        let name = |keys: &[&str]| {
+            new.iter()
+                .find(|c| c.record.key_path == Some(path(keys)))
+                .map(|c| c.record.column.clone())
+                .expect("planned")
+        };
+        assert_eq!(name(&["properties", "user_id"]), "properties__user_id");
+        assert!(name(&["properties", "userId"]).starts_with("properties__user_id_"));
+        assert!(name(&["properties", "UserID"]).starts_with("properties__user_id_"));
+        assert_ne!(
+            name(&["properties", "userId"]),
+            name(&["properties", "UserID"])
+        );
+        // The top-level `userId` holds `user_id`; a client's own `user_id` key gets a hash.
+        assert!(name(&["user_id"]).starts_with("user_id_"));
+        assert!(name(&["xmin"]).starts_with("xmin_"));
+    }
+
+    #[test]
+    fn a_second_type_gets_a_split_of_the_first_column() {
+        let mut table = new_table(Table::Track);
+        let p = path(&["properties", "seats"]);
+        for record in table.plan_columns(Table::Track, &[(p.clone(), ColumnType::BigInt)]) {
+            table.insert(&record.record, Some(record.record.column_type));
+        }
+        let new = table.plan_columns(
+            Table::Track,
+            &[
+                (p.clone(), ColumnType::Text),
+                (p.clone(), ColumnType::Double),
+            ],
+        );
+        let names: Vec<(&str, Option<&str>)> = new
+            .iter()
+            .map(|c| (c.record.column.as_str(), c.record.split_of.as_deref()))
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                ("properties__seats__st", Some("properties__seats")),
+                ("properties__seats__do", Some("properties__seats"))
+            ]
+        );
+        // An integer in a double column needs nothing new.
+        let mut doubles = new_table(Table::Track);
+        for record in doubles.plan_columns(Table::Track, &[(p.clone(), ColumnType::Double)]) {
+            doubles.insert(&record.record, Some(record.record.column_type));
+        }
+        assert!(
+            doubles
+                .plan_columns(Table::Track, &[(p, ColumnType::BigInt)])
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn columns_made_before_the_record_was_kept_are_adopted() {
+        let mut table = new_table(Table::Track);
+        table
+            .columns
+            .insert("properties__plan".to_owned(), Some(ColumnType::Text));
+        let new = table.plan_columns(
+            Table::Track,
+            &[(path(&["properties", "plan"]), ColumnType::Text)],
+        );
+        assert_eq!(new.len(), 1);
+        assert_eq!(new[0].record.column, "properties__plan");
+        assert!(new[0].exists);
+    }
+
+    #[test]
+    fn planning_stops_at_the_column_limit() {
+        let mut table = new_table(Table::Identify);
+        let needs: Vec<(KeyPath, ColumnType)> = (0..2000)
+            .map(|i| {
+                (
+                    path(&["traits", &format!("attr_{i:04}")]),
+                    ColumnType::BigInt,
+                )
+            })
+            .collect();
+        let new = table.plan_columns(Table::Identify, &needs);
+        assert_eq!(new.len() + table.len(), COLUMN_LIMIT);
+        for record in &new {
+            table.insert(&record.record, Some(ColumnType::BigInt));
+        }
+        assert!(table.plan_columns(Table::Identify, &needs).is_empty());
+    }
+
+    #[test]
+    fn records_round_trip_through_the_catalog() {
+        let table = new_table(Table::Group);
+        let columns = table.columns.iter().map(|(c, t)| {
+            (
+                "group".to_owned(),
+                c.clone(),
+                t.map(|t| t.sql()).unwrap_or("x").to_owned(),
+            )
+        });
+        let catalog = Catalog::from_rows(columns, ColumnRecord::base(Table::Group));
+        assert_eq!(catalog.table(Table::Group), &table);
+        assert_eq!(
+            catalog.table(Table::Group).paths[&path(&["groupId"])][0].name,
+            "group_id"
         );
     }
 }

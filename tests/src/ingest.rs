@@ -9,9 +9,13 @@ use std::time::Duration;
 
 use clap::Parser;
 use serde_json::{Map, Value};
+use sluice_ingest::event::{IDENTITY_KEYS, id_text};
+use sluice_ingest::json::{self, Special};
 use sluice_ingest::load::Warehouse;
-use sluice_ingest::normalize::{ColumnType, format_timestamp, parse_timestamp};
-use sluice_ingest::schema::{qualified, quote_ident};
+use sluice_ingest::normalize::{
+    MAX_FLATTEN_DEPTH, TIMESTAMP_KEYS, format_timestamp, parse_timestamp,
+};
+use sluice_ingest::schema::{COLUMNS_TABLE, ColumnType, qualified};
 use sluice_ingest::{Config, event::Table};
 use tokio::sync::oneshot;
 
@@ -35,7 +39,8 @@ pub struct Destination {
 }
 
 /// A row as JSON, with values normalised across databases: timestamps as RFC 3339 UTC with
-/// milliseconds, booleans as booleans, JSON columns as JSON; NULL columns left out.
+/// microseconds, booleans as booleans, JSON columns as JSON, non-finite doubles as the strings
+/// `"NaN"`, `"Infinity"` and `"-Infinity"`; NULL columns left out.
 pub type Row = Map<String, Value>;
 
 impl Destination {
@@ -78,7 +83,7 @@ impl Destination {
         let catalog = self.warehouse(schema).catalog().await.expect("catalog");
         catalog
             .table(table)
-            .0
+            .columns
             .iter()
             .map(|(k, v)| (k.clone(), *v))
             .collect()
@@ -90,11 +95,11 @@ impl Destination {
         if columns.is_empty() {
             return Vec::new();
         }
-        let texts = self.json_rows(schema, table.name(), columns.keys()).await;
+        let texts = self.json_rows(schema, table.name()).await;
         texts
             .into_iter()
             .map(|text| {
-                let Value::Object(raw) = serde_json::from_str(&text).expect("row as JSON") else {
+                let Value::Object(raw) = json::parse(text.as_bytes()).expect("row as JSON") else {
                     panic!("row is not an object: {text}")
                 };
                 raw.into_iter()
@@ -116,28 +121,126 @@ impl Destination {
             .find(|r| r.get("message_id") == Some(&Value::from(message_id)))
     }
 
+    /// Runs one SQL statement on this destination (schema `schema` attached on SQLite).
+    pub async fn execute(&self, schema: &str, sql: &str) {
+        let warehouse = self.warehouse(schema);
+        let sql = sqlx::AssertSqlSafe(sql.to_owned());
+        match self.backend {
+            Backend::Postgres => sqlx::query(sql)
+                .execute(warehouse.postgres_pool().expect("postgres"))
+                .await
+                .map(drop),
+            Backend::Sqlite => sqlx::query(sql)
+                .execute(warehouse.sqlite_pool().expect("sqlite"))
+                .await
+                .map(drop),
+        }
+        .expect("statement runs");
+    }
+
+    /// The columns `_sdc_columns` records for each key path of `table`: the path's first
+    /// column, then its splits.
+    pub async fn key_columns(
+        &self,
+        schema: &str,
+        table: Table,
+    ) -> HashMap<Vec<String>, Vec<String>> {
+        let sql = format!(
+            "SELECT column_name, key_path, split_of FROM {} WHERE table_name = '{}' AND key_path IS NOT NULL",
+            qualified(schema, COLUMNS_TABLE),
+            table.name()
+        );
+        let warehouse = self.warehouse(schema);
+        let rows: Vec<(String, String, Option<String>)> = match self.backend {
+            Backend::Postgres => sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                .fetch_all(warehouse.postgres_pool().expect("postgres"))
+                .await
+                .expect("read _sdc_columns"),
+            Backend::Sqlite => sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                .fetch_all(warehouse.sqlite_pool().expect("sqlite"))
+                .await
+                .expect("read _sdc_columns"),
+        };
+        let mut out: HashMap<Vec<String>, Vec<String>> = HashMap::new();
+        for (column, key_path, split_of) in rows {
+            let keys: Vec<String> =
+                serde_json::from_str(&key_path).expect("key path is a JSON array");
+            let columns = out.entry(keys).or_default();
+            if split_of.is_none() {
+                columns.insert(0, column);
+            } else {
+                columns.push(column);
+            }
+        }
+        out
+    }
+
+    /// The column that holds `keys`' values of the type first seen (panics if there is none).
+    pub async fn column_of(&self, schema: &str, table: Table, keys: &[&str]) -> String {
+        let keys: Vec<String> = keys.iter().map(|k| (*k).to_owned()).collect();
+        self.key_columns(schema, table)
+            .await
+            .remove(&keys)
+            .and_then(|columns| columns.into_iter().next())
+            .unwrap_or_else(|| panic!("no column for {keys:?}"))
+    }
+
+    /// Asserts that `event` (parsed as Sluice parses bodies, see [`parse_body`]) is stored in
+    /// `table`: its row exists, and every value it holds is found in a column of its key path
+    /// or under that path in `_sdc_overflow`, as the client sent it. Top-level keys in `skip`
+    /// (ones the Tracking API rewrites) are not checked.
+    pub async fn assert_event_stored(
+        &self,
+        schema: &str,
+        table: Table,
+        event: &Value,
+        skip: &[&str],
+    ) {
+        let id = id_text(&event["messageId"])
+            .expect("a messageId")
+            .into_owned();
+        let row = self
+            .row(schema, table, &id)
+            .await
+            .unwrap_or_else(|| panic!("no {table} row for {id}"));
+        let columns = self.key_columns(schema, table).await;
+        let mut leaves = Vec::new();
+        for (key, value) in event.as_object().expect("an event object") {
+            if !skip.contains(&key.as_str()) {
+                walk_leaves(&mut vec![key.clone()], value, &mut leaves);
+            }
+        }
+        for (keys, expected) in leaves {
+            let in_columns = columns
+                .get(&keys)
+                .into_iter()
+                .flatten()
+                .filter_map(|c| row.get(c));
+            let in_overflow = keys
+                .iter()
+                .try_fold(row.get("_sdc_overflow"), |v, k| Some(v?.get(k)))
+                .flatten();
+            let found: Vec<&Value> = in_columns.chain(in_overflow).collect();
+            assert!(
+                found
+                    .iter()
+                    .any(|stored| stored_as_sent(&keys, &expected, stored)),
+                "{table} {id}: {keys:?} = {expected} not found; its columns {:?} hold {found:?}",
+                columns.get(&keys)
+            );
+        }
+    }
+
     /// Rows in `_sdc_rejected`, as JSON objects.
     pub async fn rejected(&self, schema: &str) -> Vec<Row> {
-        let columns = [
-            "_sdc_rejected_at",
-            "table_name",
-            "message_id",
-            "reason",
-            "record",
-        ];
-        self.json_rows(schema, "_sdc_rejected", columns.iter())
+        self.json_rows(schema, "_sdc_rejected")
             .await
             .into_iter()
             .map(|text| serde_json::from_str(&text).expect("row as JSON"))
             .collect()
     }
 
-    async fn json_rows<'a>(
-        &self,
-        schema: &str,
-        table: &str,
-        columns: impl Iterator<Item = &'a (impl AsRef<str> + 'a + ?Sized)>,
-    ) -> Vec<String> {
+    async fn json_rows(&self, schema: &str, table: &str) -> Vec<String> {
         let warehouse = self.warehouse(schema);
         let from = qualified(schema, table);
         match self.backend {
@@ -149,28 +252,93 @@ impl Destination {
                     .expect("select rows")
             }
             Backend::Sqlite => {
-                // json_object takes at most 127 arguments: merge objects of 50 columns each.
-                let pairs: Vec<String> = columns
-                    .map(|c| {
-                        format!(
-                            "'{0}', {1}",
-                            c.as_ref().replace('\'', "''"),
-                            quote_ident(c.as_ref())
-                        )
-                    })
-                    .collect();
-                let object = pairs
-                    .chunks(50)
-                    .map(|chunk| format!("json_object({})", chunk.join(", ")))
-                    .reduce(|merged, next| format!("json_patch({merged}, {next})"))
-                    .unwrap_or_else(|| "json_object()".to_owned());
-                let sql = format!("SELECT {object} FROM {from} ORDER BY 1");
-                sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                // Read natively, not through SQLite's JSON functions, which print doubles with
+                // 15 digits and infinities as `Inf`.
+                use sqlx::{Column, Row, TypeInfo, ValueRef};
+                let sql = format!("SELECT * FROM {from} ORDER BY 1");
+                let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
                     .fetch_all(warehouse.sqlite_pool().expect("sqlite"))
                     .await
-                    .expect("select rows")
+                    .expect("select rows");
+                rows.iter()
+                    .map(|row| {
+                        let mut object = Map::new();
+                        for (i, column) in row.columns().iter().enumerate() {
+                            let raw = row.try_get_raw(i).expect("column");
+                            let value = if raw.is_null() {
+                                Value::Null
+                            } else {
+                                match raw.type_info().name() {
+                                    "INTEGER" => Value::from(row.get::<i64, _>(i)),
+                                    "REAL" => {
+                                        let f = row.get::<f64, _>(i);
+                                        serde_json::Number::from_f64(f)
+                                            .map(Value::Number)
+                                            .unwrap_or_else(|| {
+                                                Value::from(json::non_finite_name(f))
+                                            })
+                                    }
+                                    _ => Value::from(row.get::<String, _>(i)),
+                                }
+                            };
+                            object.insert(column.name().to_owned(), value);
+                        }
+                        Value::Object(object).to_string()
+                    })
+                    .collect()
             }
         }
+    }
+}
+
+/// Parses a request body as the service does: repaired ([`json::repair`]), then parsed.
+pub fn parse_body(body: &[u8]) -> Value {
+    let repaired = json::repair(body).expect("not too deep");
+    json::parse(&repaired).expect("JSON once repaired")
+}
+
+/// The scalar leaves of a value (and the objects at the flattening depth), with their keys.
+fn walk_leaves(path: &mut Vec<String>, value: &Value, out: &mut Vec<(Vec<String>, Value)>) {
+    match value {
+        Value::Null => {}
+        Value::Object(map) if !map.is_empty() && path.len() < MAX_FLATTEN_DEPTH => {
+            for (k, v) in map {
+                path.push(k.clone());
+                walk_leaves(path, v, out);
+                path.pop();
+            }
+        }
+        leaf => out.push((path.clone(), leaf.clone())),
+    }
+}
+
+/// Whether a stored value (normalised by [`Destination::rows`]) is what the client sent.
+fn stored_as_sent(keys: &[String], sent: &Value, stored: &Value) -> bool {
+    let top = keys.len() == 1;
+    if top && IDENTITY_KEYS.contains(&keys[0].as_str()) {
+        return id_text(sent).as_deref() == stored.as_str();
+    }
+    match sent {
+        Value::String(s) => match json::special(s) {
+            Some(Special::NonFinite(f)) => stored.as_str() == Some(json::non_finite_name(f)),
+            Some(Special::BigNumber(digits)) => stored.as_str() == Some(digits),
+            None if top && TIMESTAMP_KEYS.contains(&keys[0].as_str()) => {
+                stored.as_str() == Some(s.as_str())
+                    || parse_timestamp(s).map(|t| format_timestamp(&t)).as_deref()
+                        == stored.as_str()
+            }
+            None => stored.as_str() == Some(s.as_str()),
+        },
+        Value::Number(n) => match (n.as_i64(), stored) {
+            (Some(i), Value::Number(m)) => m.as_i64() == Some(i) || m.as_f64() == Some(i as f64),
+            (None, Value::Number(m)) => m.as_f64() == n.as_f64(),
+            _ => false,
+        },
+        Value::Array(_) | Value::Object(_) => {
+            let text = json::to_json_text(sent);
+            json::parse::<Value>(text.as_bytes()).ok().as_ref() == Some(stored)
+        }
+        other => other == stored,
     }
 }
 
@@ -182,9 +350,10 @@ fn normalise(ty: Option<ColumnType>, value: Value) -> Value {
         }
         (Some(ColumnType::Boolean), Value::Number(n)) => Value::Bool(n.as_i64() != Some(0)),
         (Some(ColumnType::Json), Value::String(s)) => {
-            serde_json::from_str(&s).unwrap_or(Value::String(s))
+            json::parse(s.as_bytes()).unwrap_or(Value::String(s))
         }
         (Some(ColumnType::Double), Value::Number(n)) => Value::from(n.as_f64().expect("a number")),
+        // row_to_json writes non-finite doubles as strings; SQLite keeps NaN as the text 'NaN'.
         (_, value) => value,
     }
 }

@@ -300,6 +300,7 @@ async fn integration_provisions_credentials_deployment_service_schema_and_status
     assert_eq!(
         tables_in(&url, "shop_events").await,
         [
+            "_sdc_columns",
             "_sdc_ownership",
             "_sdc_rejected",
             "group",
@@ -827,6 +828,7 @@ async fn drop_removes_only_what_sluice_created() {
         claim,
         [
             "schema:public:false",
+            "table:_sdc_columns:true",
             "table:_sdc_ownership:true",
             "table:_sdc_rejected:true",
             "table:group:true",
@@ -1070,7 +1072,13 @@ async fn ingest_started_as_the_deployment_says_loads_a_signed_webhook() {
     // Only the selected tables were created.
     assert_eq!(
         tables_in(&url, "stitch_segment").await,
-        ["_sdc_ownership", "_sdc_rejected", "identify", "track"]
+        [
+            "_sdc_columns",
+            "_sdc_ownership",
+            "_sdc_rejected",
+            "identify",
+            "track"
+        ]
     );
     process.terminate();
     assert!(process.wait().await, "sluice-ingest exits 0 on SIGTERM");

@@ -46,13 +46,24 @@ pub struct LoadSummary {
 }
 
 impl LoadSummary {
-    pub(super) fn of(tables: &[TableRows<'_>], rejected: &[Rejected]) -> LoadSummary {
+    /// The summary of a batch written as `tables`, of which the database refused `refused`
+    /// rows; `set_aside` records never reached the insert (their columns were refused).
+    pub(super) fn of(
+        tables: &[TableRows<'_>],
+        refused: &[Rejected],
+        set_aside: &[Rejected],
+    ) -> LoadSummary {
         let mut summary = LoadSummary::default();
+        let count = |list: &[Rejected], table| list.iter().filter(|r| r.table == table).count();
         for rows in tables {
-            let refused = rejected.iter().filter(|r| r.table == rows.table).count();
-            summary.loaded.push((rows.table, rows.rows.len() - refused));
-            if refused > 0 {
-                summary.rejected.push((rows.table, refused));
+            summary
+                .loaded
+                .push((rows.table, rows.rows.len() - count(refused, rows.table)));
+        }
+        for table in Table::ALL {
+            let n = count(refused, table) + count(set_aside, table);
+            if n > 0 {
+                summary.rejected.push((table, n));
             }
         }
         summary

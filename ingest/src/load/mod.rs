@@ -25,9 +25,10 @@ pub use ownership::{Claim, Dropped, OWNERSHIP_TABLE, Owner};
 pub use plan::Item;
 
 use crate::event::Table;
-use crate::normalize::ColumnType;
+use crate::naming::KeyPath;
 use crate::schema::{
-    Catalog, Dialect, InvalidSchemaName, TableColumns, add_column_sql, validate_schema_name,
+    self, Catalog, ColumnRecord, ColumnType, Dialect, InvalidSchemaName, add_columns_sql,
+    validate_schema_name,
 };
 use plan::{Evolution, TableRows, dedup};
 
@@ -92,14 +93,17 @@ pub enum LoadError {
     },
 }
 
-/// How an error from the database should be handled.
+/// How an error from the database should be handled. Errors are classified by their code
+/// (PostgreSQL's SQLSTATE class, SQLite's primary result code), never by their message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Failure {
-    /// A value in some record was refused: load record by record and reject the bad ones.
+    /// Something in some record was refused (a value, a row's size, a column its keys need):
+    /// find the record, set it aside in `_sdc_rejected`, and commit the rest of its batch.
     Data,
     /// The catalog Sluice holds is stale (a column changed under it): re-read and retry.
     Stale,
-    /// Transient: connection, timeout, lock. Answer 503 so the sender retries.
+    /// The database cannot take work now (connection, timeout, lock, disk, shutdown, missing
+    /// privilege): answer 503 so the sender retries, and change nothing.
     Unavailable,
 }
 
@@ -115,6 +119,25 @@ fn classify(error: &sqlx::Error, dialect: Dialect) -> Failure {
         sqlx::Error::Encode(_) | sqlx::Error::InvalidArgument(_) => Failure::Data,
         _ => Failure::Unavailable,
     }
+}
+
+/// A row of `_sdc_columns` as read: table, column, key path (JSON), column type, split of.
+type RecordRow = (String, String, Option<String>, String, Option<String>);
+
+/// Reads a row of `_sdc_columns`; rows Sluice cannot read (edited by hand) are left out.
+fn record_of_row(row: RecordRow) -> Option<ColumnRecord> {
+    let (table, column, key_path, column_type, split_of) = row;
+    let key_path = match key_path {
+        Some(text) => Some(KeyPath::from_json(&text)?),
+        None => None,
+    };
+    Some(ColumnRecord {
+        table: table.parse().ok()?,
+        column,
+        key_path,
+        column_type: ColumnType::from_catalog(&column_type)?,
+        split_of,
+    })
 }
 
 #[derive(Debug, Clone)]
@@ -144,6 +167,18 @@ pub struct Rejected {
     pub reason: String,
     /// The event as received.
     pub record: String,
+}
+
+impl Rejected {
+    /// The rejection of `item` for `reason`.
+    fn of(item: &Item, reason: String) -> Rejected {
+        Rejected {
+            table: item.record.table,
+            message_id: item.record.message_id.clone(),
+            reason,
+            record: String::from_utf8_lossy(&item.raw).into_owned(),
+        }
+    }
 }
 
 impl Warehouse {
@@ -204,10 +239,11 @@ impl Warehouse {
         }
     }
 
-    /// Creates the schema, the event tables in `tables` and `_sdc_rejected` if they are
-    /// missing. Safe to run from several processes at once; changes nothing that exists, and
-    /// needs no privilege for what exists (a schema created beforehand needs only `USAGE` and
-    /// `CREATE` on it, not `CREATE` on the database).
+    /// Creates the schema, the event tables in `tables`, `_sdc_rejected` and `_sdc_columns` if
+    /// they are missing, and records the tables' base columns in `_sdc_columns`. Safe to run
+    /// from several processes at once; changes nothing that exists, and needs no privilege for
+    /// what exists (a schema created beforehand needs only `USAGE` and `CREATE` on it, not
+    /// `CREATE` on the database).
     pub async fn ensure_schema(&self, tables: &[Table]) -> Result<(), LoadError> {
         let mut tx = self.ddl_transaction().await?;
         self.create_missing(&mut tx, tables).await?;
@@ -226,25 +262,20 @@ impl Warehouse {
         }
     }
 
-    /// Reads the columns of every event table in the schema.
+    /// Reads the columns of every event table in the schema, and the key paths `_sdc_columns`
+    /// records for them.
     pub async fn catalog(&self) -> Result<Catalog, LoadError> {
-        let columns = match &self.pool {
-            Pool::Postgres(pool) => postgres::columns(pool, &self.schema).await,
-            Pool::Sqlite(pool) => sqlite::columns(pool, &self.schema).await,
-        }
-        .map_err(|e| self.error(e))?;
-        let mut catalog = Catalog::default();
-        for (table, column, ty) in columns {
-            if let Ok(table) = table.parse::<Table>() {
-                catalog
-                    .0
-                    .entry(table)
-                    .or_insert_with(TableColumns::default)
-                    .0
-                    .insert(column, ColumnType::from_catalog(&ty));
-            }
-        }
-        Ok(catalog)
+        let read = match &self.pool {
+            Pool::Postgres(pool) => match pool.acquire().await {
+                Ok(mut conn) => postgres::catalog(&mut conn, &self.schema).await,
+                Err(e) => Err(e),
+            },
+            Pool::Sqlite(pool) => match pool.acquire().await {
+                Ok(mut conn) => sqlite::catalog(&mut conn, &self.schema).await,
+                Err(e) => Err(e),
+            },
+        };
+        read.map_err(|e| self.error(e))
     }
 
     /// Rows per event table, with column counts: the operator's loading report.
@@ -259,29 +290,45 @@ impl Warehouse {
         Ok(report)
     }
 
-    /// Adds the columns an [`Evolution`] asks for, under the schema's DDL lock, skipping any
-    /// that another writer added meanwhile. Returns the catalog as it is afterwards.
+    /// Adds the columns an [`Evolution`] asks for, under the schema's DDL lock: names them
+    /// against the catalog as it is now ([`schema::TableColumns::plan_columns`]), skips any that
+    /// another writer added meanwhile, and records them in `_sdc_columns` in the same
+    /// transaction. Returns the catalog as it is afterwards.
     async fn evolve(&self, evolution: &Evolution) -> Result<Catalog, LoadError> {
         let mut tx = self.ddl_transaction().await?;
-        let current = match &mut tx {
-            Tx::Postgres(tx) => postgres::columns(&mut **tx, &self.schema).await,
-            Tx::Sqlite(tx) => sqlite::columns(&mut **tx, &self.schema).await,
+        let mut current = match &mut tx {
+            Tx::Postgres(tx) => postgres::catalog(tx, &self.schema).await,
+            Tx::Sqlite(tx) => sqlite::catalog(tx, &self.schema).await,
         }
         .map_err(|e| self.error(e))?;
-        for (table, columns) in &evolution.0 {
-            for (column, ty) in columns {
-                let exists = current
-                    .iter()
-                    .any(|(t, c, _)| t == table.name() && c == column);
-                if !exists {
-                    tracing::info!(schema = %self.schema, %table, %column, %ty, "adding column");
-                    let sql = add_column_sql(&self.schema, *table, column, *ty);
-                    tx.execute(&sql).await.map_err(|e| self.error(e))?;
-                }
+        let mut records = Vec::new();
+        for (table, needs) in &evolution.0 {
+            let columns = current.0.entry(*table).or_default();
+            let new = columns.plan_columns(*table, needs);
+            let add: Vec<(&str, ColumnType)> = new
+                .iter()
+                .filter(|c| !c.exists)
+                .map(|c| (c.record.column.as_str(), c.record.column_type))
+                .collect();
+            if !add.is_empty() {
+                tracing::info!(schema = %self.schema, %table, columns = add.len(), "adding columns");
+            }
+            for sql in add_columns_sql(self.dialect(), &self.schema, *table, &add) {
+                tx.execute(&sql).await.map_err(|e| self.error(e))?;
+            }
+            for c in new {
+                let sql_type = columns
+                    .get(&c.record.column)
+                    .unwrap_or(Some(c.record.column_type));
+                columns.insert(&c.record, sql_type);
+                records.push(c.record);
             }
         }
+        tx.insert_records(&self.schema, &records, Utc::now())
+            .await
+            .map_err(|e| self.error(e))?;
         tx.commit().await.map_err(|e| self.error(e))?;
-        self.catalog().await
+        Ok(current)
     }
 
     /// A transaction holding the schema's DDL lock: a transaction-scoped advisory lock on
@@ -310,23 +357,35 @@ impl Warehouse {
     }
 
     /// Writes a batch in one transaction and commits it: adds the columns it needs first,
-    /// then upserts every table's rows. Records the database refuses go to `_sdc_rejected`.
+    /// then upserts every table's rows. A record whose columns cannot be added, or that the
+    /// database refuses, goes to `_sdc_rejected`; the rest of the batch is committed.
     pub async fn write(
         &self,
         catalog: &Mutex<Catalog>,
         items: Vec<Item>,
     ) -> Result<LoadSummary, LoadError> {
-        let items = dedup(items);
+        let mut items = dedup(items);
         let mut refreshed = false;
         if catalog.lock().await.0.is_empty() {
             let current = self.catalog().await?;
             *catalog.lock().await = current;
         }
+        // Records whose columns could not be added, set aside before the insert.
+        let mut set_aside: Vec<Rejected> = Vec::new();
         loop {
-            let tables = self.plan(catalog, &items).await?;
-            let result = self.insert_all(&tables).await;
-            let error = match result {
-                Ok(()) => return Ok(LoadSummary::of(&tables, &[])),
+            let tables = match self.plan(catalog, &items).await {
+                Ok(tables) => tables,
+                Err(LoadError::Database(error)) => {
+                    tracing::warn!(%error, "columns for the batch refused; adding them record by record");
+                    items = self
+                        .set_aside_ddl_failures(catalog, items, &mut set_aside)
+                        .await?;
+                    continue;
+                }
+                Err(other) => return Err(other),
+            };
+            let error = match self.insert_all(&tables, &set_aside).await {
+                Ok(()) => return Ok(LoadSummary::of(&tables, &[], &set_aside)),
                 Err(error) => error,
             };
             match self.failure(&error) {
@@ -337,12 +396,31 @@ impl Warehouse {
                 }
                 Failure::Data | Failure::Stale => {
                     tracing::warn!(%error, "batch refused; loading its records one by one");
-                    let rejected = self.insert_each(&tables, &items).await?;
-                    return Ok(LoadSummary::of(&tables, &rejected));
+                    let refused = self.insert_each(&tables, &items, &set_aside).await?;
+                    return Ok(LoadSummary::of(&tables, &refused, &set_aside));
                 }
                 Failure::Unavailable => return Err(LoadError::Unavailable(error.to_string())),
             }
         }
+    }
+
+    /// Adds the columns of each item alone, and sets aside the items whose columns the
+    /// database refuses, so that one event's keys never fail its batch. Returns the others.
+    async fn set_aside_ddl_failures(
+        &self,
+        catalog: &Mutex<Catalog>,
+        items: Vec<Item>,
+        set_aside: &mut Vec<Rejected>,
+    ) -> Result<Vec<Item>, LoadError> {
+        let mut kept = Vec::with_capacity(items.len());
+        for item in items {
+            match self.plan(catalog, std::slice::from_ref(&item)).await {
+                Ok(_) => kept.push(item),
+                Err(LoadError::Database(reason)) => set_aside.push(Rejected::of(&item, reason)),
+                Err(other) => return Err(other),
+            }
+        }
+        Ok(kept)
     }
 
     /// Plans the batch against the catalog, evolving the schema until every column exists.
@@ -369,10 +447,18 @@ impl Warehouse {
         ))
     }
 
-    async fn insert_all(&self, tables: &[TableRows<'_>]) -> Result<(), sqlx::Error> {
+    async fn insert_all(
+        &self,
+        tables: &[TableRows<'_>],
+        set_aside: &[Rejected],
+    ) -> Result<(), sqlx::Error> {
         let mut tx = self.begin().await?;
         for rows in tables {
             tx.insert(&self.schema, rows).await?;
+        }
+        let now = Utc::now();
+        for record in set_aside {
+            tx.insert_rejected(&self.schema, record, now).await?;
         }
         tx.commit().await
     }
@@ -382,6 +468,7 @@ impl Warehouse {
         &self,
         tables: &[TableRows<'_>],
         items: &[Item],
+        set_aside: &[Rejected],
     ) -> Result<Vec<Rejected>, LoadError> {
         let mut tx = self.begin().await.map_err(|e| self.error(e))?;
         let mut rejected = Vec::new();
@@ -398,13 +485,7 @@ impl Warehouse {
                 match tx.insert(&self.schema, &single).await {
                     Ok(()) => tx.execute("RELEASE SAVEPOINT sluice_record").await,
                     Err(error) if self.failure(&error) != Failure::Unavailable => {
-                        let item = &items[item];
-                        rejected.push(Rejected {
-                            table: rows.table,
-                            message_id: item.record.message_id.clone(),
-                            reason: error.to_string(),
-                            record: String::from_utf8_lossy(&item.raw).into_owned(),
-                        });
+                        rejected.push(Rejected::of(&items[item], error.to_string()));
                         tx.execute("ROLLBACK TO SAVEPOINT sluice_record").await
                     }
                     Err(error) => Err(error),
@@ -413,7 +494,7 @@ impl Warehouse {
             }
         }
         let now = Utc::now();
-        for record in &rejected {
+        for record in rejected.iter().chain(set_aside) {
             tracing::warn!(table = %record.table, message_id = %record.message_id, reason = %record.reason, "record rejected");
             tx.insert_rejected(&self.schema, record, now)
                 .await
@@ -448,6 +529,55 @@ impl Tx {
         match self {
             Tx::Postgres(tx) => postgres::insert(tx, schema, rows).await,
             Tx::Sqlite(tx) => sqlite::insert(tx, schema, rows).await,
+        }
+    }
+
+    /// Records columns in `_sdc_columns` (those already there are left as they are).
+    async fn insert_records(
+        &mut self,
+        schema: &str,
+        records: &[ColumnRecord],
+        at: DateTime<Utc>,
+    ) -> Result<(), sqlx::Error> {
+        // Well inside both databases' limits on bound parameters (six per record).
+        for chunk in records.chunks(1000) {
+            let sql = schema::insert_columns_sql(self.dialect(), schema, chunk.len());
+            match self {
+                Tx::Postgres(tx) => {
+                    let mut query = sqlx::query(AssertSqlSafe(sql));
+                    for r in chunk {
+                        query = query
+                            .bind(r.table.name())
+                            .bind(r.column.as_str())
+                            .bind(r.key_path.as_ref().map(KeyPath::to_json))
+                            .bind(r.column_type.sql())
+                            .bind(r.split_of.as_deref())
+                            .bind(at);
+                    }
+                    query.execute(&mut **tx).await?;
+                }
+                Tx::Sqlite(tx) => {
+                    let mut query = sqlx::query(AssertSqlSafe(sql));
+                    for r in chunk {
+                        query = query
+                            .bind(r.table.name())
+                            .bind(r.column.as_str())
+                            .bind(r.key_path.as_ref().map(KeyPath::to_json))
+                            .bind(r.column_type.sql())
+                            .bind(r.split_of.as_deref())
+                            .bind(crate::normalize::format_timestamp(&at));
+                    }
+                    query.execute(&mut **tx).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn dialect(&self) -> Dialect {
+        match self {
+            Tx::Postgres(_) => Dialect::Postgres,
+            Tx::Sqlite(_) => Dialect::Sqlite,
         }
     }
 

@@ -11,8 +11,11 @@ use std::collections::HashSet;
 use super::privilege::Need;
 use super::{LoadError, Tx, Warehouse};
 use crate::event::Table;
+use chrono::Utc;
+
 use crate::schema::{
-    REJECTED_TABLE, create_rejected_sql, create_schema_sql, create_table_sql, qualified,
+    COLUMNS_TABLE, ColumnRecord, REJECTED_TABLE, create_columns_sql, create_rejected_sql,
+    create_schema_sql, create_table_sql, qualified,
 };
 
 /// The schema and the relations in it, as they were before a step changed anything.
@@ -75,8 +78,9 @@ impl Tx {
 
 impl Warehouse {
     /// Creates, inside a transaction holding the schema's DDL lock, the schema, the event
-    /// tables in `tables` and `_sdc_rejected` where they do not exist yet, and says what it
-    /// created. Nothing that exists is touched, or needs a privilege.
+    /// tables in `tables`, `_sdc_rejected` and `_sdc_columns` where they do not exist yet,
+    /// records the tables' base columns in `_sdc_columns`, and says what it created. Nothing
+    /// that exists is created again, or needs a privilege to create.
     pub(super) async fn create_missing(
         &self,
         tx: &mut Tx,
@@ -95,7 +99,10 @@ impl Warehouse {
         let statements = tables
             .iter()
             .map(|t| (t.name(), create_table_sql(&self.schema, *t)))
-            .chain([(REJECTED_TABLE, create_rejected_sql(&self.schema))]);
+            .chain([
+                (REJECTED_TABLE, create_rejected_sql(&self.schema)),
+                (COLUMNS_TABLE, create_columns_sql(&self.schema)),
+            ]);
         for (name, sql) in statements {
             if existing.relations.contains(name) {
                 continue;
@@ -105,6 +112,11 @@ impl Warehouse {
                 .map_err(|e| self.ddl_error(e, Need::CreateInSchema))?;
             created.tables.push(name.to_owned());
         }
+        let records: Vec<ColumnRecord> =
+            tables.iter().flat_map(|t| ColumnRecord::base(*t)).collect();
+        tx.insert_records(&self.schema, &records, Utc::now())
+            .await
+            .map_err(|e| self.ddl_error(e, Need::CreateInSchema))?;
         Ok(created)
     }
 }

@@ -1,21 +1,39 @@
 //! Placing a batch of records onto the columns a table has: the pure half of loading.
 //!
-//! A value goes to the column of its name when that column's type accepts it; otherwise to the
-//! split column (`name__st`, `name__bi`, ...). A column that does not exist yet is reported as
-//! missing, so the writer can add it and plan again. Once a table has [`COLUMN_LIMIT`] columns,
-//! new keys go to its `_sdc_overflow` JSON column instead: nothing is dropped.
+//! A value goes to the column its key path holds (`_sdc_columns`) when that column's type takes
+//! it; otherwise to the path's split column for its type (`name__st`, `name__bi`, ...). A key
+//! path or type without a column yet is reported as missing, so the writer can add the columns
+//! and plan again. Two limits send values to the table's `_sdc_overflow` JSON column instead,
+//! so that nothing is dropped:
+//!
+//! - a table stops growing at [`COLUMN_LIMIT`] columns;
+//! - a row holds at most [`ROW_BYTES_LIMIT`] bytes of values that PostgreSQL cannot move out of
+//!   the row (8 per number, boolean or timestamp; at most 24 per text or JSON value, see
+//!   [`SqlValue::row_bytes`]). PostgreSQL refuses rows over 8160 bytes ("row is too big"); the
+//!   margin covers the row header and the null bitmap. Segment's own fields (`messageId`,
+//!   `userId`, `event`, the timestamps, ...) always get their columns; the other values are
+//!   placed in key order until the limit, and the rest of the row goes to `_sdc_overflow`.
+//!
+//! `_sdc_overflow` holds the values in their original shape: `{"traits": {"attr_1999": 1999}}`.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
 
 use axum::body::Bytes;
 use chrono::{DateTime, Utc};
-use rustc_hash::FxHashMap;
-use serde_json::Map;
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::event::Table;
-use crate::normalize::{ColumnType, Record, SqlValue, split_column_name};
-use crate::schema::{COLUMN_LIMIT, Catalog, OVERFLOW_COLUMN, TableColumns};
+use crate::json;
+use crate::naming::KeyPath;
+use crate::normalize::{Record, SqlValue};
+use crate::schema::{
+    COLUMN_LIMIT, Catalog, ColumnType, OVERFLOW_COLUMN, TableColumns, base_columns,
+};
+
+/// The most bytes of values a row keeps in columns that cannot be moved out of the row (see
+/// the module documentation).
+pub const ROW_BYTES_LIMIT: usize = 7000;
 
 /// A record on its way to the database, with what the receiver knew of it.
 #[derive(Debug, Clone)]
@@ -48,9 +66,10 @@ pub struct TableRows<'a> {
     pub update_columns: Vec<String>,
 }
 
-/// Columns that must be added before a batch can be written, per table.
+/// Columns that must be added before a batch can be written: per table, the key paths and the
+/// types of values that have no column yet.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Evolution(pub Vec<(Table, Vec<(String, ColumnType)>)>);
+pub struct Evolution(pub Vec<(Table, Vec<(KeyPath, ColumnType)>)>);
 
 /// Plans a whole batch. Items are expected deduplicated (see [`dedup`]).
 pub fn plan<'a>(
@@ -104,86 +123,98 @@ pub fn dedup(items: Vec<Item>) -> Vec<Item> {
     keep.into_iter().filter_map(|i| items[i].take()).collect()
 }
 
-enum Target<'a> {
-    Column(Cow<'a, str>, ColumnType),
+/// Where the values of one key path and type go.
+#[derive(Debug, Clone, Copy)]
+enum Target<'c> {
+    /// A column that exists, with its type.
+    Column(&'c str, ColumnType),
+    /// No column yet; the table has room for one.
+    Missing,
+    /// No column, and none can be added.
     Overflow,
 }
 
-fn plan_table<'a>(
+/// A placement decided once per key path and type, then used for every row.
+#[derive(Debug, Clone, Copy)]
+struct Placement<'c> {
+    target: Target<'c>,
+    /// Whether the value is one of Segment's own top-level fields, placed whatever the row's
+    /// size.
+    base: bool,
+}
+
+fn plan_table<'a, 'c>(
     table: Table,
-    existing: &TableColumns,
+    existing: &'c TableColumns,
     items: &'a [Item],
     indexes: &[usize],
     batched_at: DateTime<Utc>,
-) -> Result<TableRows<'a>, Vec<(String, ColumnType)>> {
-    let mut missing: Vec<(String, ColumnType)> = Vec::new();
+) -> Result<TableRows<'a>, Vec<(KeyPath, ColumnType)>> {
+    let base_keys: Vec<&'static str> = base_columns(table).iter().filter_map(|c| c.key).collect();
+    let mut missing: Vec<(KeyPath, ColumnType)> = Vec::new();
+    let mut missing_seen: FxHashSet<(&'a KeyPath, ColumnType)> = FxHashSet::default();
     let mut columns: Vec<(String, ColumnType)> = Vec::new();
-    let mut positions: FxHashMap<String, usize> = FxHashMap::default();
-    let mut placed_at: FxHashMap<(&'a str, ColumnType), Option<(usize, ColumnType)>> =
-        FxHashMap::default();
+    let mut positions: FxHashMap<&str, usize> = FxHashMap::default();
+    let mut position = |name: &'c str, ty: ColumnType, columns: &mut Vec<(String, ColumnType)>| {
+        *positions.entry(name).or_insert_with(|| {
+            columns.push((name.to_owned(), ty));
+            columns.len() - 1
+        })
+    };
+    let mut placed_at: FxHashMap<(&'a KeyPath, ColumnType), Placement<'c>> = FxHashMap::default();
     let mut sparse_rows: Vec<Vec<(usize, Cow<'a, SqlValue>)>> = Vec::with_capacity(indexes.len());
+    let system = [
+        ("_sdc_received_at", ColumnType::Timestamp),
+        ("_sdc_batched_at", ColumnType::Timestamp),
+        ("_sdc_sequence", ColumnType::BigInt),
+        ("_sdc_table_version", ColumnType::BigInt),
+    ];
+    let system_positions: Vec<usize> = system
+        .iter()
+        .map(|(name, ty)| position(name, *ty, &mut columns))
+        .collect();
     for &i in indexes {
         let item = &items[i];
-        let mut row = Vec::with_capacity(item.record.fields.len() + 4);
-        let mut overflow = Map::new();
-        let system = [
-            ("_sdc_received_at", SqlValue::Timestamp(item.received_at)),
-            ("_sdc_batched_at", SqlValue::Timestamp(batched_at)),
-            ("_sdc_sequence", SqlValue::BigInt(item.sequence)),
-            ("_sdc_table_version", SqlValue::BigInt(0)),
+        let mut row = Vec::with_capacity(item.record.fields.len() + 5);
+        let system_values = [
+            SqlValue::Timestamp(item.received_at),
+            SqlValue::Timestamp(batched_at),
+            SqlValue::BigInt(item.sequence),
+            SqlValue::BigInt(0),
         ];
-        let fields = item
-            .record
-            .fields
-            .iter()
-            .map(|f| (f.column.as_str(), Cow::Borrowed(&f.value)))
-            .chain(system.into_iter().map(|(c, v)| (c, Cow::Owned(v))));
-        for (column, value) in fields {
-            let ty = value.column_type();
-            // Each distinct (name, type) is placed once per batch, not once per row.
-            let placed = match placed_at.get(&(column, ty)) {
-                Some(&placed) => placed,
-                None => {
-                    let placed = match target(existing, &mut missing, column, ty) {
-                        Target::Column(name, column_ty) => {
-                            let position = match positions.get(name.as_ref()) {
-                                Some(&p) => p,
-                                None => {
-                                    positions.insert(name.to_string(), columns.len());
-                                    columns.push((name.into_owned(), column_ty));
-                                    columns.len() - 1
-                                }
-                            };
-                            Some((position, column_ty))
-                        }
-                        Target::Overflow => None,
-                    };
-                    placed_at.insert((column, ty), placed);
-                    placed
+        let mut row_bytes = system_values.len() * 8;
+        for (p, value) in system_positions.iter().zip(system_values) {
+            row.push((*p, Cow::Owned(value)));
+        }
+        let mut overflow: Vec<(&'a KeyPath, &'a SqlValue)> = Vec::new();
+        for field in &item.record.fields {
+            let ty = field.value.column_type();
+            let placement = *placed_at.entry((&field.path, ty)).or_insert_with(|| {
+                let room = existing.len() + missing.len() < COLUMN_LIMIT;
+                Placement {
+                    target: target(existing, &field.path, ty, room),
+                    base: is_base_key(&field.path, &base_keys),
                 }
-            };
-            match placed {
-                Some((position, column_ty)) => row.push((position, coerce(value, column_ty))),
-                None => {
-                    overflow.insert(column.to_owned(), value.to_json());
+            });
+            let fits = placement.base || row_bytes + field.value.row_bytes() <= ROW_BYTES_LIMIT;
+            match placement.target {
+                Target::Column(name, column_ty) if fits => {
+                    row_bytes += field.value.row_bytes();
+                    let p = position(name, column_ty, &mut columns);
+                    row.push((p, coerce(Cow::Borrowed(&field.value), column_ty)));
                 }
+                Target::Missing if fits => {
+                    row_bytes += field.value.row_bytes();
+                    if missing_seen.insert((&field.path, ty)) {
+                        missing.push((field.path.clone(), ty));
+                    }
+                }
+                _ => overflow.push((&field.path, &field.value)),
             }
         }
         if !overflow.is_empty() {
-            let value = SqlValue::Json(serde_json::Value::Object(overflow).to_string());
-            let position = match positions.get(OVERFLOW_COLUMN) {
-                Some(&p) => p,
-                None => {
-                    positions.insert(OVERFLOW_COLUMN.to_owned(), columns.len());
-                    // A base column; if someone dropped it, it is missing and added back.
-                    if existing.get(OVERFLOW_COLUMN).is_none() {
-                        missing.push((OVERFLOW_COLUMN.to_owned(), ColumnType::Json));
-                    }
-                    columns.push((OVERFLOW_COLUMN.to_owned(), ColumnType::Json));
-                    columns.len() - 1
-                }
-            };
-            row.push((position, Cow::Owned(value)));
+            let p = position(OVERFLOW_COLUMN, ColumnType::Json, &mut columns);
+            row.push((p, Cow::Owned(SqlValue::Json(overflow_json(&overflow)))));
         }
         sparse_rows.push(row);
     }
@@ -201,7 +232,7 @@ fn plan_table<'a>(
         })
         .collect();
     let mut update_columns: Vec<String> = existing
-        .0
+        .columns
         .iter()
         .filter(|(name, ty)| ty.is_some() && name.as_str() != "message_id")
         .map(|(name, _)| name.clone())
@@ -216,44 +247,38 @@ fn plan_table<'a>(
     })
 }
 
-/// Where a value of type `ty` for `column` goes, given the table's columns and those already
-/// found missing in this batch.
-fn target<'a>(
-    existing: &TableColumns,
-    missing: &mut Vec<(String, ColumnType)>,
-    column: &'a str,
+/// Whether a key path is one of the table's Segment fields (`messageId`, `userId`, ...).
+fn is_base_key(path: &KeyPath, base_keys: &[&str]) -> bool {
+    let mut keys = path.keys();
+    matches!((keys.next(), keys.next()), (Some(key), None) if base_keys.contains(&key))
+}
+
+/// Where values of type `ty` at `path` go, given the table's columns. `room` says whether the
+/// table may grow another column.
+fn target<'c>(
+    existing: &'c TableColumns,
+    path: &KeyPath,
     ty: ColumnType,
-) -> Target<'a> {
-    let lookup = |name: &str, missing: &[(String, ColumnType)]| {
-        existing.get(name).or_else(|| {
-            missing
-                .iter()
-                .find(|(m, _)| m == name)
-                .map(|(_, t)| Some(*t))
-        })
-    };
-    let name: Cow<'a, str> = match lookup(column, missing) {
-        Some(Some(existing_ty)) if existing_ty.accepts(ty) => {
-            return Target::Column(Cow::Borrowed(column), existing_ty);
-        }
-        None => Cow::Borrowed(column),
-        Some(_) => {
-            let split = split_column_name(column, ty);
-            match lookup(&split, missing) {
-                Some(Some(existing_ty)) if existing_ty.accepts(ty) => {
-                    return Target::Column(Cow::Owned(split), existing_ty);
-                }
-                None => Cow::Owned(split),
-                Some(_) => return Target::Overflow,
+    room: bool,
+) -> Target<'c> {
+    match existing.paths.get(path) {
+        Some(columns) => {
+            if let Some((name, column_ty)) = columns.iter().find_map(|c| {
+                c.sql_type
+                    .filter(|t| t.accepts(ty))
+                    .map(|t| (c.name.as_str(), t))
+            }) {
+                Target::Column(name, column_ty)
+            } else if columns.iter().any(|c| c.made_for == ty) || !room {
+                // Its column for this type was altered to another type by hand, or the table
+                // is full.
+                Target::Overflow
+            } else {
+                Target::Missing
             }
         }
-    };
-    if existing.len() + missing.len() < COLUMN_LIMIT {
-        missing.push((name.to_string(), ty));
-        // Planned as if present; the batch is planned again once the column exists.
-        Target::Column(name, ty)
-    } else {
-        Target::Overflow
+        None if room => Target::Missing,
+        None => Target::Overflow,
     }
 }
 
@@ -264,12 +289,51 @@ fn coerce(value: Cow<'_, SqlValue>, column: ColumnType) -> Cow<'_, SqlValue> {
     }
 }
 
+/// The overflow column's JSON: the values nested under their keys as in the event. `values`
+/// come in the record's order, in which the leaves of one object are adjacent.
+fn overflow_json(values: &[(&KeyPath, &SqlValue)]) -> String {
+    let mut out = String::from("{");
+    let mut open: Vec<&str> = Vec::new();
+    let mut first = true;
+    for (path, value) in values {
+        let keys: Vec<&str> = path.keys().collect();
+        let (leaf, parents) = keys.split_last().unwrap_or((&"", &[]));
+        let shared = open.iter().zip(parents).take_while(|(a, b)| a == b).count();
+        while open.len() > shared {
+            open.pop();
+            out.push('}');
+            first = false;
+        }
+        for key in &parents[shared..] {
+            if !first {
+                out.push(',');
+            }
+            json::write_string(key, &mut out);
+            out.push_str(":{");
+            open.push(key);
+            first = true;
+        }
+        if !first {
+            out.push(',');
+        }
+        json::write_string(leaf, &mut out);
+        out.push(':');
+        value.write_json(&mut out);
+        first = false;
+    }
+    for _ in open {
+        out.push('}');
+    }
+    out.push('}');
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::event::{Call, validate};
     use crate::normalize::normalize;
-    use crate::schema::base_columns;
+    use crate::schema::ColumnRecord;
     use serde_json::{Value, json};
 
     fn item(event: Value, sequence: i64) -> Item {
@@ -286,19 +350,32 @@ mod tests {
         }
     }
 
-    fn catalog_with(table: Table, extra: &[(&str, ColumnType)]) -> Catalog {
-        let mut columns: FxHashMap<String, Option<ColumnType>> = base_columns(table)
-            .into_iter()
-            .map(|(n, t)| (n.to_owned(), Some(t)))
-            .collect();
-        for (n, t) in extra {
-            columns.insert((*n).to_owned(), Some(*t));
+    fn path(keys: &[&str]) -> KeyPath {
+        KeyPath::new(keys.iter().copied())
+    }
+
+    /// A new table's catalog with columns for `extra` key paths, as the loader records them.
+    fn catalog_with(table: Table, extra: &[(&[&str], ColumnType)]) -> Catalog {
+        let mut columns = TableColumns::default();
+        for record in ColumnRecord::base(table) {
+            columns.insert(&record, Some(record.column_type));
         }
-        Catalog(HashMap::from([(table, TableColumns(columns))]))
+        // One at a time, as events arriving one after the other would add them.
+        for (keys, ty) in extra {
+            for new in columns.plan_columns(table, &[(path(keys), *ty)]) {
+                columns.insert(&new.record, Some(new.record.column_type));
+            }
+        }
+        Catalog(HashMap::from([(table, columns)]))
     }
 
     fn track(props: Value) -> Value {
         json!({"type": "track", "messageId": "m1", "userId": "u", "event": "E", "properties": props})
+    }
+
+    fn value<'r>(rows: &'r TableRows<'_>, column: &str) -> Option<&'r SqlValue> {
+        let pos = rows.columns.iter().position(|(c, _)| c == column)?;
+        rows.rows[0][pos].as_deref()
     }
 
     #[test]
@@ -311,8 +388,8 @@ mod tests {
             vec![(
                 Table::Track,
                 vec![
-                    ("properties__plan".to_owned(), ColumnType::Text),
-                    ("properties__seats".to_owned(), ColumnType::BigInt)
+                    (path(&["properties", "plan"]), ColumnType::Text),
+                    (path(&["properties", "seats"]), ColumnType::BigInt)
                 ]
             )]
         );
@@ -320,74 +397,104 @@ mod tests {
 
     #[test]
     fn conflicting_type_goes_to_split_column() {
-        let catalog = catalog_with(Table::Track, &[("properties__seats", ColumnType::BigInt)]);
+        let seats: &[&str] = &["properties", "seats"];
+        let catalog = catalog_with(Table::Track, &[(seats, ColumnType::BigInt)]);
         let items = [item(track(json!({"seats": "three"})), 1)];
         let evolution = plan(&catalog, &items, Utc::now()).expect_err("needs split");
-        assert_eq!(
-            evolution.0[0].1,
-            vec![("properties__seats__st".to_owned(), ColumnType::Text)]
-        );
+        assert_eq!(evolution.0[0].1, vec![(path(seats), ColumnType::Text)]);
         let catalog = catalog_with(
             Table::Track,
-            &[
-                ("properties__seats", ColumnType::BigInt),
-                ("properties__seats__st", ColumnType::Text),
-            ],
+            &[(seats, ColumnType::BigInt), (seats, ColumnType::Text)],
         );
         let rows = plan(&catalog, &items, Utc::now()).expect("planned");
-        let pos = rows[0]
-            .columns
-            .iter()
-            .position(|(c, _)| c == "properties__seats__st")
-            .expect("split column used");
         assert_eq!(
-            rows[0].rows[0][pos].as_deref(),
+            value(&rows[0], "properties__seats__st"),
             Some(&SqlValue::Text("three".into()))
         );
-        assert!(
-            !rows[0]
-                .columns
-                .iter()
-                .any(|(c, _)| c == "properties__seats")
-        );
+        assert_eq!(value(&rows[0], "properties__seats"), None);
     }
 
     #[test]
     fn integers_widen_into_double_columns() {
-        let catalog = catalog_with(Table::Track, &[("properties__price", ColumnType::Double)]);
+        let catalog = catalog_with(
+            Table::Track,
+            &[(&["properties", "price"], ColumnType::Double)],
+        );
         let items = [item(track(json!({"price": 10})), 1)];
         let rows = plan(&catalog, &items, Utc::now()).expect("planned");
-        let pos = rows[0]
-            .columns
-            .iter()
-            .position(|(c, _)| c == "properties__price")
-            .expect("column");
         assert_eq!(
-            rows[0].rows[0][pos].as_deref(),
+            value(&rows[0], "properties__price"),
             Some(&SqlValue::Double(10.0))
         );
     }
 
     #[test]
-    fn full_table_overflows_into_json() {
-        let extra: Vec<(String, ColumnType)> = (0..COLUMN_LIMIT)
-            .map(|i| (format!("c{i}"), ColumnType::Text))
-            .collect();
-        let extra_refs: Vec<(&str, ColumnType)> =
-            extra.iter().map(|(n, t)| (n.as_str(), *t)).collect();
-        let catalog = catalog_with(Table::Track, &extra_refs);
-        let items = [item(track(json!({"brand_new": "kept"})), 1)];
+    fn full_table_overflows_into_json_in_the_events_shape() {
+        let mut catalog = catalog_with(Table::Track, &[]);
+        let columns = catalog.0.get_mut(&Table::Track).expect("table");
+        while columns.len() < COLUMN_LIMIT {
+            let name = format!("c{}", columns.len());
+            columns.columns.insert(name, Some(ColumnType::Text));
+        }
+        let items = [item(
+            track(
+                json!({"brand_new": "kept", "deep": {"a": 1, "b": {"c": f64::NAN.to_string()}}, "z": true}),
+            ),
+            1,
+        )];
         let rows = plan(&catalog, &items, Utc::now()).expect("no new columns past the limit");
-        let pos = rows[0]
-            .columns
-            .iter()
-            .position(|(c, _)| c == OVERFLOW_COLUMN)
-            .expect("overflow column");
-        let Some(SqlValue::Json(text)) = rows[0].rows[0][pos].as_deref() else {
+        let Some(SqlValue::Json(text)) = value(&rows[0], OVERFLOW_COLUMN) else {
             panic!("overflow is json")
         };
         let overflow: Value = serde_json::from_str(text).expect("json");
-        assert_eq!(overflow, json!({"properties__brand_new": "kept"}));
+        assert_eq!(
+            overflow,
+            json!({"properties": {"brand_new": "kept", "deep": {"a": 1, "b": {"c": "NaN"}}, "z": true}})
+        );
+    }
+
+    #[test]
+    fn wide_rows_keep_their_first_values_in_columns_and_the_rest_in_overflow() {
+        let traits: serde_json::Map<String, Value> = (0..2000)
+            .map(|i| (format!("attr_{i:04}"), json!(i)))
+            .collect();
+        let event =
+            json!({"type": "identify", "messageId": "wide", "userId": "u", "traits": traits});
+        let items = [item(event, 1)];
+        let catalog = catalog_with(Table::Identify, &[]);
+        let Err(evolution) = plan(&catalog, &items, Utc::now()) else {
+            panic!("needs columns")
+        };
+        let wanted = evolution.0[0].1.len();
+        assert!((700..900).contains(&wanted), "{wanted} columns asked for");
+        let with: Vec<(Vec<String>, ColumnType)> = evolution.0[0]
+            .1
+            .iter()
+            .map(|(p, t)| (p.keys().map(str::to_owned).collect(), *t))
+            .collect();
+        let refs: Vec<(Vec<&str>, ColumnType)> = with
+            .iter()
+            .map(|(k, t)| (k.iter().map(String::as_str).collect(), *t))
+            .collect();
+        let extra: Vec<(&[&str], ColumnType)> = refs.iter().map(|(k, t)| (&k[..], *t)).collect();
+        let catalog = catalog_with(Table::Identify, &extra);
+        let rows = plan(&catalog, &items, Utc::now()).expect("planned");
+        let placed = rows[0].rows[0].iter().filter(|v| v.is_some()).count();
+        let Some(SqlValue::Json(text)) = value(&rows[0], OVERFLOW_COLUMN) else {
+            panic!("overflow")
+        };
+        let overflow: Value = serde_json::from_str(text).expect("json");
+        let spilled = overflow["traits"].as_object().expect("traits").len();
+        assert_eq!(wanted + spilled, 2000);
+        assert_eq!(overflow["traits"]["attr_1999"], json!(1999));
+        assert!(
+            placed > wanted,
+            "message_id and the system columns are placed too"
+        );
+        assert_eq!(
+            value(&rows[0], "message_id"),
+            Some(&SqlValue::Text("wide".into()))
+        );
     }
 
     #[test]
@@ -404,7 +511,7 @@ mod tests {
 
     #[test]
     fn upsert_overwrites_every_known_column_but_the_key() {
-        let catalog = catalog_with(Table::Track, &[("properties__old", ColumnType::Text)]);
+        let catalog = catalog_with(Table::Track, &[(&["properties", "old"], ColumnType::Text)]);
         let items = [item(track(json!({"old": "v"})), 1)];
         let rows = plan(&catalog, &items, Utc::now()).expect("planned");
         assert!(

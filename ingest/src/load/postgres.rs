@@ -7,12 +7,14 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sha1::{Digest, Sha1};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{AssertSqlSafe, PgPool, Postgres, Transaction};
+use sqlx::{AssertSqlSafe, PgConnection, PgPool, Postgres, Transaction};
 
 use super::plan::TableRows;
 use super::{Failure, LoadError, Rejected, on_conflict_sql};
-use crate::normalize::{ColumnType, SqlValue};
-use crate::schema::{Dialect, insert_rejected_sql, qualified, quote_ident};
+use crate::normalize::SqlValue;
+use crate::schema::{
+    COLUMNS_TABLE, Catalog, ColumnType, Dialect, insert_rejected_sql, qualified, quote_ident,
+};
 
 /// A lazily connecting pool: the process starts, and `/readyz` reports, while the database is
 /// down.
@@ -26,22 +28,52 @@ pub(super) fn pool(url: &str, connections: u32) -> Result<PgPool, LoadError> {
         .connect_lazy_with(options))
 }
 
-/// Maps a SQLSTATE to how the loader reacts.
+/// Maps a SQLSTATE to how the loader reacts, by its class (the first two characters), with
+/// the few codes inside a class that need another reaction named first. The classes are
+/// PostgreSQL's (Appendix A, "PostgreSQL Error Codes").
 pub(super) fn classify(code: &str) -> Failure {
     match code {
-        // undefined column / table, datatype mismatch: someone changed the table.
-        "42703" | "42P01" | "42804" => Failure::Stale,
-        // data exceptions, integrity violations, a row or value too large.
-        _ if code.starts_with("22") || code.starts_with("23") || code.starts_with("54") => {
-            Failure::Data
-        }
+        // undefined column / table, datatype mismatch, duplicate column: the table changed
+        // under the loader (by hand, or another writer's DDL).
+        "42703" | "42P01" | "42804" | "42701" => return Failure::Stale,
+        // insufficient privilege: a grant is missing, which no record can cause or fix.
+        "42501" => return Failure::Unavailable,
+        _ => {}
+    }
+    match code.get(..2).unwrap_or_default() {
+        // 0A feature not supported, 21 cardinality violation, 22 data exception, 23 integrity
+        // constraint violation, 42 syntax error or access rule violation (e.g. a name the
+        // database reserves), 44 WITH CHECK OPTION violation, 54 program limit exceeded (row
+        // too big, too many columns): something in one record.
+        "0A" | "21" | "22" | "23" | "42" | "44" | "54" => Failure::Data,
+        // 08 connection exception, 25 invalid transaction state, 40 transaction rollback
+        // (serialization, deadlock), 53 insufficient resources (disk full, out of memory, too
+        // many connections), 55 object not in prerequisite state (lock not available), 57
+        // operator intervention (shutdown, statement timeout), 58 system error (I/O), XX
+        // internal error, and anything else: the database, not the data.
         _ => Failure::Unavailable,
     }
 }
 
+/// Reads the columns of every event table of `schema` and the records of `_sdc_columns`.
+pub(super) async fn catalog(conn: &mut PgConnection, schema: &str) -> Result<Catalog, sqlx::Error> {
+    let table_columns = columns(&mut *conn, schema).await?;
+    let sql = format!(
+        "SELECT table_name, column_name, key_path, column_type, split_of FROM {}",
+        qualified(schema, COLUMNS_TABLE)
+    );
+    let records: Vec<super::RecordRow> = sqlx::query_as(AssertSqlSafe(sql))
+        .fetch_all(&mut *conn)
+        .await?;
+    Ok(Catalog::from_rows(
+        table_columns,
+        records.into_iter().filter_map(super::record_of_row),
+    ))
+}
+
 /// `(table, column, type)` for every column of every table in `schema`.
-pub(super) async fn columns<'e>(
-    executor: impl sqlx::Executor<'e, Database = Postgres>,
+async fn columns(
+    conn: &mut PgConnection,
     schema: &str,
 ) -> Result<Vec<(String, String, String)>, sqlx::Error> {
     sqlx::query_as(
@@ -52,7 +84,7 @@ pub(super) async fn columns<'e>(
          WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') AND a.attnum > 0 AND NOT a.attisdropped",
     )
     .bind(schema)
-    .fetch_all(executor)
+    .fetch_all(conn)
     .await
 }
 
@@ -187,13 +219,44 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sqlstates_map_to_reactions() {
-        assert_eq!(classify("22021"), Failure::Data);
-        assert_eq!(classify("23502"), Failure::Data);
-        assert_eq!(classify("54000"), Failure::Data);
-        assert_eq!(classify("42703"), Failure::Stale);
-        assert_eq!(classify("08006"), Failure::Unavailable);
-        assert_eq!(classify("40P01"), Failure::Unavailable);
+    fn sqlstates_map_to_reactions_by_class() {
+        use Failure::*;
+        for (code, expected, what) in [
+            ("0A000", Data, "feature not supported"),
+            (
+                "21000",
+                Data,
+                "cardinality violation (a key twice in one upsert)",
+            ),
+            ("22021", Data, "invalid byte sequence"),
+            ("22P05", Data, "unsupported Unicode escape"),
+            ("22003", Data, "numeric value out of range"),
+            ("23502", Data, "not-null violation"),
+            ("42939", Data, "reserved name"),
+            ("42601", Data, "syntax error (a zero-length name)"),
+            ("44000", Data, "WITH CHECK OPTION violation"),
+            ("54000", Data, "row too big"),
+            ("54011", Data, "too many columns"),
+            ("42703", Stale, "undefined column"),
+            ("42P01", Stale, "undefined table"),
+            ("42804", Stale, "datatype mismatch"),
+            ("42701", Stale, "duplicate column"),
+            ("42501", Unavailable, "insufficient privilege"),
+            ("08006", Unavailable, "connection failure"),
+            ("25P02", Unavailable, "in failed transaction"),
+            ("40001", Unavailable, "serialization failure"),
+            ("40P01", Unavailable, "deadlock"),
+            ("53100", Unavailable, "disk full"),
+            ("53300", Unavailable, "too many connections"),
+            ("55P03", Unavailable, "lock not available"),
+            ("57P01", Unavailable, "admin shutdown"),
+            ("57014", Unavailable, "statement timeout"),
+            ("58030", Unavailable, "I/O error"),
+            ("XX000", Unavailable, "internal error"),
+            ("", Unavailable, "no code"),
+        ] {
+            assert_eq!(classify(code), expected, "{code} {what}");
+        }
     }
 
     #[test]

@@ -8,12 +8,13 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
-use sqlx::{AssertSqlSafe, Executor, Sqlite, SqlitePool, Transaction};
+use sqlx::{AssertSqlSafe, Executor, Sqlite, SqliteConnection, SqlitePool, Transaction};
 
 use super::plan::TableRows;
 use super::{Failure, LoadError, Rejected, on_conflict_sql};
+use crate::json;
 use crate::normalize::{SqlValue, format_timestamp};
-use crate::schema::{Dialect, insert_rejected_sql, qualified, quote_ident};
+use crate::schema::{COLUMNS_TABLE, Catalog, Dialect, insert_rejected_sql, qualified, quote_ident};
 
 /// SQLite's default cap on bound parameters per statement (`SQLITE_MAX_VARIABLE_NUMBER`).
 const MAX_PARAMETERS: usize = 32_766;
@@ -57,33 +58,49 @@ pub(super) fn pool(path: &str, schema: &str, connections: u32) -> Result<SqliteP
         .connect_lazy_with(options))
 }
 
-/// Maps an SQLite result code to how the loader reacts.
+/// Maps an SQLite result code to how the loader reacts, by its primary code (the low byte of
+/// an extended code; "Result and Error Codes" in SQLite's documentation).
 pub(super) fn classify(code: &str) -> Failure {
     let primary = code.parse::<i32>().unwrap_or(0) & 0xff;
     match primary {
-        // SQLITE_ERROR: "no such column", "no such table" and the like.
+        // SQLITE_ERROR: "no such column", "no such table" and the like; if re-reading the
+        // catalog does not help, the loader treats it as the record's (a name, too many
+        // columns).
         1 => Failure::Stale,
-        // TOOBIG, CONSTRAINT, MISMATCH, RANGE.
+        // TOOBIG, CONSTRAINT, MISMATCH, RANGE: a value or row of one record.
         18 | 19 | 20 | 25 => Failure::Data,
-        // BUSY, LOCKED, IOERR, FULL and the rest: may pass.
+        // BUSY, LOCKED, NOMEM, READONLY, IOERR, CORRUPT, FULL, CANTOPEN and the rest: the
+        // database file, not the data.
         _ => Failure::Unavailable,
     }
 }
 
-/// `(table, column, declared type)` for every column of every table in the attached schema.
-pub(super) async fn columns<'e>(
-    executor: impl sqlx::Executor<'e, Database = Sqlite>,
+/// Reads the columns of every event table of the attached schema and the records of
+/// `_sdc_columns`.
+pub(super) async fn catalog(
+    conn: &mut SqliteConnection,
     schema: &str,
-) -> Result<Vec<(String, String, String)>, sqlx::Error> {
+) -> Result<Catalog, sqlx::Error> {
     let sql = format!(
         "SELECT m.name, p.name, p.type FROM {}.sqlite_master AS m, pragma_table_info(m.name, ?1) AS p \
          WHERE m.type = 'table'",
         quote_ident(schema)
     );
-    sqlx::query_as(AssertSqlSafe(sql))
+    let columns: Vec<(String, String, String)> = sqlx::query_as(AssertSqlSafe(sql))
         .bind(schema)
-        .fetch_all(executor)
-        .await
+        .fetch_all(&mut *conn)
+        .await?;
+    let sql = format!(
+        "SELECT table_name, column_name, key_path, column_type, split_of FROM {}",
+        qualified(schema, COLUMNS_TABLE)
+    );
+    let records: Vec<super::RecordRow> = sqlx::query_as(AssertSqlSafe(sql))
+        .fetch_all(&mut *conn)
+        .await?;
+    Ok(Catalog::from_rows(
+        columns,
+        records.into_iter().filter_map(super::record_of_row),
+    ))
 }
 
 /// Upserts one table's rows, in statements of as many rows as SQLite's parameter cap allows.
@@ -114,6 +131,9 @@ pub(super) async fn insert(
                 None => query.bind(None::<&str>),
                 Some(SqlValue::Text(s) | SqlValue::Json(s)) => query.bind(s.as_str()),
                 Some(SqlValue::BigInt(n)) => query.bind(*n),
+                // SQLite stores NaN as NULL; the column keeps the text 'NaN' instead (its type
+                // is only an affinity), so the value is not lost. Infinities are REAL values.
+                Some(SqlValue::Double(n)) if n.is_nan() => query.bind(json::non_finite_name(*n)),
                 Some(SqlValue::Double(n)) => query.bind(*n),
                 Some(SqlValue::Boolean(b)) => query.bind(*b),
                 Some(SqlValue::Timestamp(t)) => query.bind(format_timestamp(t)),

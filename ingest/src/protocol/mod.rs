@@ -34,6 +34,7 @@ pub use auth::{Auth, Unauthorized, sign};
 pub use tracking::{CorsOrigins, WriteKeys, corrected_timestamp, enrich};
 
 use crate::event::{Call, InvalidEvent, Table, json_kind, validate};
+use crate::json;
 use crate::load::{LoadError, Loader, RETRY_AFTER, Warehouse};
 use crate::metrics::Metrics;
 use crate::normalize::{Record, normalize};
@@ -190,31 +191,34 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, Refusal> {
 }
 
 /// Splits a body into its events: one object, or the elements of an array, each with the exact
-/// bytes it came from.
+/// bytes it came from (after [`json::repair`]).
 fn parse_events(body: &Bytes) -> Result<Vec<(Value, Bytes)>, Refusal> {
-    let malformed = |e: serde_json::Error| Refusal::Malformed(e.to_string());
+    let malformed = |e: json::JsonError| Refusal::Malformed(e.to_string());
+    let body = match json::repair(body).map_err(malformed)? {
+        std::borrow::Cow::Borrowed(_) => body.clone(),
+        std::borrow::Cow::Owned(repaired) => Bytes::from(repaired),
+    };
     if body.trim_ascii_start().starts_with(b"[") {
-        let elements: Vec<&serde_json::value::RawValue> =
-            serde_json::from_slice(body).map_err(malformed)?;
+        let elements: Vec<&serde_json::value::RawValue> = json::parse(&body).map_err(malformed)?;
         if elements.len() > MAX_BATCH_EVENTS {
             return Err(Refusal::TooMany(elements.len()));
         }
         elements
             .into_iter()
             .map(|raw| {
-                let value = serde_json::from_str(raw.get()).map_err(malformed)?;
+                let value = json::parse(raw.get().as_bytes()).map_err(malformed)?;
                 Ok((value, body.slice_ref(raw.get().as_bytes())))
             })
             .collect()
     } else {
-        let value: Value = serde_json::from_slice(body).map_err(malformed)?;
+        let value: Value = json::parse(&body).map_err(malformed)?;
         if !value.is_object() {
             return Err(Refusal::Invalid {
                 index: None,
                 problem: InvalidEvent::NotAnObject(json_kind(&value)),
             });
         }
-        Ok(vec![(value, body.clone())])
+        Ok(vec![(value, body)])
     }
 }
 

@@ -27,6 +27,7 @@ use serde_json::{Map, Value, json};
 use sha1::{Digest, Sha1};
 
 use super::{AppState, commit, error, prepare, read_body, unavailable};
+use crate::json;
 use crate::normalize::{format_timestamp, parse_timestamp};
 
 /// Largest event, in bytes of JSON.
@@ -187,7 +188,7 @@ pub(super) async fn tracking(
         .map(|event| {
             // The event as enriched is what `_sdc_rejected` keeps, should the database refuse it.
             let event = Value::Object(enrich(event, received_at));
-            let raw = Bytes::from(event.to_string());
+            let raw = Bytes::from(json::to_json_text(&event));
             (event, raw)
         })
         .collect();
@@ -238,8 +239,9 @@ fn parse(
             ),
         }));
     }
-    let value: Value =
-        serde_json::from_slice(&body).map_err(|e| bad(format!("malformed JSON: {e}")))?;
+    let malformed = |e: json::JsonError| bad(format!("malformed JSON: {e}"));
+    let repaired = json::repair(&body).map_err(malformed)?;
+    let value: Value = json::parse(&repaired).map_err(malformed)?;
     let Value::Object(mut object) = value else {
         return Err(bad("the body must be a JSON object"));
     };
@@ -369,6 +371,12 @@ fn basic_user(headers: &HeaderMap) -> Option<String> {
 
 /// Sets what Segment's servers set: `receivedAt`, `originalTimestamp`, a skew-corrected
 /// `timestamp`, and a `messageId` derived from the content when the client sent none.
+///
+/// A client time Sluice cannot read (an epoch number, `2026-02-30`, a year past 9999) is left
+/// exactly as sent, so it lands in a split column (`timestamp__bi`, `timestamp__st`, ...), and
+/// no `timestamp` is made up: the row's `timestamp` is NULL and `received_at` tells when it
+/// arrived. A `sentAt` Sluice cannot read skips the skew correction: `timestamp` is then the
+/// client's time.
 pub fn enrich(mut event: Map<String, Value>, received_at: DateTime<Utc>) -> Map<String, Value> {
     if !event.contains_key("messageId") {
         let id = content_id(&event);
@@ -380,18 +388,23 @@ pub fn enrich(mut event: Map<String, Value>, received_at: DateTime<Utc>) -> Map<
             .and_then(Value::as_str)
             .and_then(parse_timestamp)
     };
-    let original = time(&event, "originalTimestamp").or_else(|| time(&event, "timestamp"));
-    let timestamp = corrected_timestamp(received_at, time(&event, "sentAt"), original);
-    if let Some(original) = original {
+    let unreadable = ["originalTimestamp", "timestamp"]
+        .iter()
+        .any(|key| event.get(*key).is_some_and(|v| !v.is_null()) && time(&event, key).is_none());
+    if !unreadable {
+        let original = time(&event, "originalTimestamp").or_else(|| time(&event, "timestamp"));
+        let timestamp = corrected_timestamp(received_at, time(&event, "sentAt"), original);
+        if let Some(original) = original {
+            event.insert(
+                "originalTimestamp".to_owned(),
+                Value::String(format_timestamp(&original)),
+            );
+        }
         event.insert(
-            "originalTimestamp".to_owned(),
-            Value::String(format_timestamp(&original)),
+            "timestamp".to_owned(),
+            Value::String(format_timestamp(&timestamp)),
         );
     }
-    event.insert(
-        "timestamp".to_owned(),
-        Value::String(format_timestamp(&timestamp)),
-    );
     event.insert(
         "receivedAt".to_owned(),
         Value::String(format_timestamp(&received_at)),
@@ -476,15 +489,35 @@ mod tests {
         .expect("object");
         let received = at("2024-05-01T10:00:00Z");
         let enriched = enrich(event, received);
-        assert_eq!(enriched["receivedAt"], "2024-05-01T10:00:00.000Z");
-        assert_eq!(enriched["originalTimestamp"], "2024-05-01T11:00:00.000Z");
-        assert_eq!(enriched["timestamp"], "2024-05-01T09:59:55.000Z");
+        assert_eq!(enriched["receivedAt"], "2024-05-01T10:00:00.000000Z");
+        assert_eq!(enriched["originalTimestamp"], "2024-05-01T11:00:00.000000Z");
+        assert_eq!(enriched["timestamp"], "2024-05-01T09:59:55.000000Z");
         assert!(
             enriched["messageId"]
                 .as_str()
                 .expect("id")
                 .starts_with("sluice-")
         );
+    }
+
+    #[test]
+    fn unreadable_client_times_are_left_as_sent() {
+        let received = at("2024-05-01T10:00:00Z");
+        for raw in [
+            json!(1796032800000i64),
+            json!("2026-02-30T00:00:00Z"),
+            json!(true),
+        ] {
+            let event = serde_json::from_value(json!({
+                "type": "track", "event": "E", "userId": "u", "timestamp": raw, "sentAt": 1796032802000i64
+            }))
+            .expect("object");
+            let enriched = enrich(event, received);
+            assert_eq!(enriched["timestamp"], raw);
+            assert!(!enriched.contains_key("originalTimestamp"));
+            assert_eq!(enriched["sentAt"], 1796032802000i64);
+            assert_eq!(enriched["receivedAt"], "2024-05-01T10:00:00.000000Z");
+        }
     }
 
     #[test]
