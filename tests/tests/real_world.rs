@@ -843,6 +843,59 @@ async fn a_second_process_maps_keys_to_the_same_columns(backend: Backend) {
     drop(process);
 }
 
+/// PostgreSQL only: a table that cannot grow (its dropped columns still count toward
+/// PostgreSQL's 1600, and are never given back) refuses every new column with SQLSTATE 54011.
+/// Events that need a new column still load, their new keys in `_sdc_overflow`; the other
+/// events of the same batch and of concurrent requests load as usual; nothing is answered 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_columns_send_new_keys_to_overflow_not_the_batch_to_503() {
+    let (dest, server) = start(Backend::Postgres, "refused-ddl").await;
+    let base = dest.columns(SCHEMA, Table::Track).await.len();
+    let fillers: Vec<String> = (0..(1600 - base)).map(|i| format!("filler_{i}")).collect();
+    let alter = |verb: &str, suffix: &str| {
+        let parts: Vec<String> = fillers
+            .iter()
+            .map(|c| format!("{verb} {c}{suffix}"))
+            .collect();
+        format!("ALTER TABLE segment.track {}", parts.join(", "))
+    };
+    dest.execute(SCHEMA, &alter("ADD COLUMN", " int")).await;
+    dest.execute(SCHEMA, &alter("DROP COLUMN", "")).await;
+    let event = |i: usize| {
+        let properties = if i.is_multiple_of(2) {
+            json!({"new_key": i})
+        } else {
+            json!({})
+        };
+        json!({"type": "track", "messageId": format!("ddl-{i}"), "userId": "u", "event": "e", "properties": properties})
+    };
+    let batch: Vec<Value> = (0..20).map(event).collect();
+    let (status, answer) = post(
+        &server,
+        "/v1/webhook",
+        Value::Array(batch.clone()).to_string(),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let singles: Vec<Value> = (20..40).map(event).collect();
+    let sends = singles
+        .iter()
+        .map(|e| post(&server, "/v1/webhook", e.to_string()));
+    for (status, answer) in futures::future::join_all(sends).await {
+        assert_eq!(status, 200, "{answer}");
+    }
+    for e in batch.iter().chain(&singles) {
+        dest.assert_event_stored(SCHEMA, Table::Track, e, &[]).await;
+    }
+    let row = dest
+        .row(SCHEMA, Table::Track, "ddl-2")
+        .await
+        .expect("ddl-2");
+    assert_eq!(row["_sdc_overflow"], json!({"properties": {"new_key": 2}}));
+    assert!(dest.rejected(SCHEMA).await.is_empty());
+    server.stop().await;
+}
+
 sluice_tests::on_both_backends!(
     nul_characters_become_replacement_characters,
     lone_surrogates_become_replacement_characters,

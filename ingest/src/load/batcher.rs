@@ -46,24 +46,14 @@ pub struct LoadSummary {
 }
 
 impl LoadSummary {
-    /// The summary of a batch written as `tables`, of which the database refused `refused`
-    /// rows; `set_aside` records never reached the insert (their columns were refused).
-    pub(super) fn of(
-        tables: &[TableRows<'_>],
-        refused: &[Rejected],
-        set_aside: &[Rejected],
-    ) -> LoadSummary {
+    /// The summary of a batch written as `tables`, of which the database refused `refused`.
+    pub(super) fn of(tables: &[TableRows<'_>], refused: &[Rejected]) -> LoadSummary {
         let mut summary = LoadSummary::default();
-        let count = |list: &[Rejected], table| list.iter().filter(|r| r.table == table).count();
         for rows in tables {
-            summary
-                .loaded
-                .push((rows.table, rows.rows.len() - count(refused, rows.table)));
-        }
-        for table in Table::ALL {
-            let n = count(refused, table) + count(set_aside, table);
+            let n = refused.iter().filter(|r| r.table == rows.table).count();
+            summary.loaded.push((rows.table, rows.rows.len() - n));
             if n > 0 {
-                summary.rejected.push((table, n));
+                summary.rejected.push((rows.table, n));
             }
         }
         summary
@@ -137,6 +127,7 @@ impl Loader {
                 received_at,
                 sequence: self.next_sequence(),
                 raw,
+                adds_columns: true,
             })
             .collect::<Vec<_>>();
         let (done, answer) = oneshot::channel();
