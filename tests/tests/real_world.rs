@@ -649,24 +649,53 @@ async fn numeric_ids_are_text(backend: Backend) {
         );
     }
     assert_all_stored(&dest, &parse_body(&body), &TRACKING_REWRITES).await;
-    // Every id field with every scalar type, on the webhook; `150004` and `"150004"` are one key.
+    // Every id field with every scalar type, on the webhook and the Tracking API; `150004` and
+    // `"150004"` are one key.
     let mut n = 0;
-    for value in [
+    let types = [
         json!(7),
         json!(-7),
         json!(7.5),
         json!(true),
         json!("7"),
         json!(18446744073709551615u64),
-    ] {
-        for field in ["userId", "anonymousId", "groupId"] {
-            n += 1;
-            let mut event = json!({"type": "group", "messageId": format!("id-{n}"), "userId": "u", "groupId": "g"});
-            event[field] = value.clone();
-            let (status, answer) = post(&server, "/v1/webhook", event.to_string()).await;
-            assert_eq!(status, 200, "{event} -> {answer}");
-            dest.assert_event_stored(SCHEMA, Table::Group, &event, &[])
-                .await;
+    ];
+    for route in ["/v1/webhook", "/v1/batch"] {
+        for value in &types {
+            for field in [
+                "messageId",
+                "userId",
+                "anonymousId",
+                "groupId",
+                "previousId",
+            ] {
+                n += 1;
+                let (kind, mut event) = if field == "previousId" {
+                    (
+                        Table::Alias,
+                        json!({"type": "alias", "messageId": format!("id-{n}"), "userId": "u", "previousId": "p"}),
+                    )
+                } else {
+                    (
+                        Table::Group,
+                        json!({"type": "group", "messageId": format!("id-{n}"), "userId": "u", "groupId": "g"}),
+                    )
+                };
+                event[field] = match (field, value) {
+                    // Distinct message ids per case: the number with the case's count.
+                    ("messageId", Value::Number(_)) => json!(n * 1000),
+                    _ => value.clone(),
+                };
+                let body = if route == "/v1/batch" {
+                    json!({"batch": [event]})
+                } else {
+                    event.clone()
+                };
+                let (status, answer) = post(&server, route, body.to_string()).await;
+                assert_eq!(status, 200, "{event} -> {answer}");
+                dest.assert_event_stored(SCHEMA, kind, &event, &TRACKING_REWRITES)
+                    .await;
+            }
         }
     }
     let again = json!({"type": "track", "messageId": "150004", "userId": "12345", "event": "Numeric Message Id", "properties": {"probe": "again"}});
