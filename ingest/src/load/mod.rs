@@ -17,7 +17,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{AssertSqlSafe, PgPool, SqlitePool};
 use tokio::sync::Mutex;
 
-pub use batcher::{Job, LoadSummary, Loader, LoaderConfig, Submitted};
+pub use batcher::{Job, LoadSummary, Loader, LoaderConfig, Outcome, Submitted};
 pub use plan::Item;
 
 use crate::event::Table;
