@@ -218,7 +218,8 @@ fn number_end(body: &[u8], start: usize) -> usize {
 }
 
 /// Whether a number token is an integer (no fraction, no exponent) outside `i64`, or a number
-/// whose magnitude no double reaches.
+/// whose magnitude no double reaches: too large (it would be infinite) or too small (it would
+/// be 0 though it is not).
 fn needs_exact_text(token: &[u8]) -> bool {
     let Ok(text) = std::str::from_utf8(token) else {
         return false;
@@ -226,19 +227,28 @@ fn needs_exact_text(token: &[u8]) -> bool {
     let digits = text.strip_prefix('-').unwrap_or(text);
     if digits.bytes().all(|b| b.is_ascii_digit()) {
         // i64 has 19 digits at most; anything shorter fits.
-        digits.len() >= 19 && text.parse::<i64>().is_err()
-    } else {
-        text.parse::<f64>().is_ok_and(f64::is_infinite)
+        return digits.len() >= 19 && text.parse::<i64>().is_err();
     }
+    let mantissa = digits.split(['e', 'E']).next().unwrap_or_default();
+    let zero = !mantissa.bytes().any(|b| (b'1'..=b'9').contains(&b));
+    text.parse::<f64>()
+        .is_ok_and(|f| f.is_infinite() || (f == 0.0 && !zero))
 }
 
-/// Writes `value` as JSON text, with tagged strings written back as what the client sent: big
-/// numbers as bare numbers, non-finite numbers as the strings `"NaN"`, `"Infinity"` and
-/// `"-Infinity"` (JSON, and so `jsonb`, has no such numbers).
+/// The most digits of an integer written as a bare number in stored JSON; longer ones, and other
+/// big numbers, are written as strings (PostgreSQL's `numeric`, which `jsonb` numbers are, holds
+/// 131072 digits before the point and none past an exponent of that size).
+const MAX_JSON_INTEGER_DIGITS: usize = 1000;
+
+/// Writes `value` as JSON text, with tagged strings written back as what the client sent:
+/// integers beyond 64 bits as bare numbers (up to 1000 digits), other big numbers as strings of
+/// their text, non-finite numbers as the strings `"NaN"`, `"Infinity"` and `"-Infinity"` (JSON,
+/// and so `jsonb`, has no such numbers).
 pub fn write_json(value: &Value, out: &mut String) {
     match value {
         Value::String(s) => match special(s) {
-            Some(Special::BigNumber(digits)) => out.push_str(digits),
+            Some(Special::BigNumber(text)) if is_json_integer(text) => out.push_str(text),
+            Some(Special::BigNumber(text)) => write_string(text, out),
             Some(Special::NonFinite(f)) => write_string(non_finite_name(f), out),
             None => write_string(s, out),
         },
@@ -269,6 +279,12 @@ pub fn write_json(value: &Value, out: &mut String) {
             let _ = write!(out, "{scalar}");
         }
     }
+}
+
+/// Whether a big number's text is an integer short enough to store as a JSON number.
+fn is_json_integer(text: &str) -> bool {
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    digits.len() <= MAX_JSON_INTEGER_DIGITS && digits.bytes().all(|b| b.is_ascii_digit())
 }
 
 /// [`write_json`] into a new string.

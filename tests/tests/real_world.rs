@@ -925,7 +925,62 @@ async fn refused_columns_send_new_keys_to_overflow_not_the_batch_to_503() {
     server.stop().await;
 }
 
+/// More of the same kinds, found by trying: a wide row of short texts between integers (whose
+/// alignment padding PostgreSQL counts), numbers no double or `numeric` holds, in columns and in
+/// JSON, a leap second, and a `messageId` too long for any key.
+async fn more_of_the_same_kinds(backend: Backend) {
+    let (dest, server) = start(backend, "more").await;
+    let mut wide = serde_json::Map::new();
+    for i in 0..600 {
+        wide.insert(format!("k{i:04}a"), json!(""));
+        wide.insert(format!("k{i:04}b"), json!(i));
+    }
+    let events = [
+        json!({"type": "track", "messageId": "padded", "userId": "u", "event": "e", "properties": wide}),
+        parse_body(br#"{"type": "track", "messageId": "huge", "userId": "u", "event": "e", "properties": {"a": [1e200000], "t": 1e-400, "z": 2.5e-330, "n": 1e200000}}"#),
+        json!({"type": "track", "messageId": "leap", "userId": "u", "event": "e", "timestamp": "2016-12-31T23:59:60Z"}),
+    ];
+    for route in ["/v1/webhook", "/v1/batch"] {
+        for event in &events {
+            let body = if route == "/v1/batch" {
+                json!({"batch": [event]})
+            } else {
+                event.clone()
+            };
+            let body = sluice_ingest::json::to_json_text(&body);
+            let (status, answer) = post(&server, route, body).await;
+            assert_eq!(status, 200, "{answer}");
+            let skip: &[&str] = if route == "/v1/batch" {
+                &TRACKING_REWRITES
+            } else {
+                &[]
+            };
+            dest.assert_event_stored(SCHEMA, Table::Track, event, skip)
+                .await;
+        }
+        assert!(
+            dest.rejected(SCHEMA).await.is_empty(),
+            "{:?}",
+            dest.rejected(SCHEMA).await
+        );
+        let leap = dest.row(SCHEMA, Table::Track, "leap").await.expect("leap");
+        assert_eq!(leap["timestamp"], "2017-01-01T00:00:00.000000Z");
+        let huge = dest.row(SCHEMA, Table::Track, "huge").await.expect("huge");
+        assert_eq!(huge["properties__t"], "1e-400");
+        assert_eq!(huge["properties__a"], json!(["1e200000"]));
+    }
+    let long = json!({"type": "track", "messageId": "m".repeat(3000), "userId": "u", "event": "e"});
+    let (status, answer) = post(&server, "/v1/webhook", long.to_string()).await;
+    assert_eq!(status, 400);
+    assert!(
+        answer["error"].as_str().expect("error").contains("2000"),
+        "{answer}"
+    );
+    server.stop().await;
+}
+
 sluice_tests::on_both_backends!(
+    more_of_the_same_kinds,
     nul_characters_become_replacement_characters,
     lone_surrogates_become_replacement_characters,
     colliding_keys_keep_their_own_columns_for_good,
