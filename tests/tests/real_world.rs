@@ -124,14 +124,24 @@ async fn nul_characters_become_replacement_characters(backend: Backend) {
         .expect("br-01-2");
     assert_eq!(track["event"], "Signed Out\u{fffd}");
     let tag = dest
-        .column_of(SCHEMA, Table::Track, &["properties", "src\u{fffd}tag"])
+        .column_of(SCHEMA, Table::Track, &["properties", "src\u{fffd}0000tag"])
         .await;
-    assert!(tag.starts_with("properties__src_tag"), "{tag}");
+    assert!(tag.starts_with("properties__src_0000tag"), "{tag}");
     assert_eq!(track[&tag], "kiosk");
     assert!(dest.row(SCHEMA, Table::Track, "br-01-3").await.is_some());
     assert!(dest.rejected(SCHEMA).await.is_empty());
     assert_all_stored(&dest, &parse_body(&body), &TRACKING_REWRITES).await;
-    // The same kind: NUL in a key at the top level, in a nested key, and on the webhook.
+    // The same kind: NUL in a key at the top level, in a nested key, and on the webhook; keys
+    // that differ only in a NUL, a lone surrogate or a U+FFFD keep their own values.
+    let keys = r#"{"type":"track","messageId":"nul-3","userId":"u","event":"e","properties":{"a\u0000":1,"a\ufffd":2,"b\ud800":3,"b\udc00":4,"b\ufffd":5}}"#;
+    assert_eq!(post(&server, "/v1/webhook", keys).await.0, 200);
+    let parsed = parse_body(keys.as_bytes());
+    assert_eq!(
+        parsed["properties"].as_object().expect("properties").len(),
+        5
+    );
+    dest.assert_event_stored(SCHEMA, Table::Track, &parsed, &[])
+        .await;
     let event = r#"{"type":"track","messageId":"nul-2","userId":"u\u0000","event":"e","a\u0000":{"b\u0000c":"\u0000\u0000"}}"#;
     let (status, answer) = post(&server, "/v1/webhook", event).await;
     assert_eq!(status, 200, "{answer}");
@@ -181,7 +191,7 @@ async fn lone_surrogates_become_replacement_characters(backend: Backend) {
         .expect("sur-2");
     assert_eq!(row["traits__s"], "\u{fffd}x\u{fffd}");
     let key = dest
-        .column_of(SCHEMA, Table::Identify, &["traits", "k\u{fffd}"])
+        .column_of(SCHEMA, Table::Identify, &["traits", "k\u{fffd}dc00"])
         .await;
     assert_eq!(row[&key], "\u{fffd}\u{fffd}");
     assert_names_sound(&dest).await;
