@@ -28,7 +28,9 @@ use chrono::Utc;
 use serde_json::{Value, json};
 
 pub use auth::{Auth, Unauthorized, sign};
-pub use tracking::{CorsOrigins, WriteKeys, corrected_timestamp, enrich};
+pub use tracking::{
+    CorsOrigins, Refused, WriteKeys, corrected_timestamp, decode_object, enrich, split_batch,
+};
 
 use crate::event::{Call, InvalidEvent, Table, json_kind, validate};
 use crate::json;
