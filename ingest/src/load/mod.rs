@@ -534,32 +534,29 @@ impl Tx {
         // Well inside both databases' limits on bound parameters (six per record).
         for chunk in records.chunks(1000) {
             let sql = schema::insert_columns_sql(self.dialect(), schema, chunk.len());
+            // The same parameters on both databases; only the time's encoding differs.
+            macro_rules! bind_chunk {
+                ($at:expr) => {{
+                    let mut query = sqlx::query(AssertSqlSafe(sql));
+                    for r in chunk {
+                        query = query
+                            .bind(r.table.name())
+                            .bind(r.column.as_str())
+                            .bind(r.key_path.as_ref().map(KeyPath::to_json))
+                            .bind(r.column_type.sql())
+                            .bind(r.split_of.as_deref())
+                            .bind($at);
+                    }
+                    query
+                }};
+            }
             match self {
                 Tx::Postgres(tx) => {
-                    let mut query = sqlx::query(AssertSqlSafe(sql));
-                    for r in chunk {
-                        query = query
-                            .bind(r.table.name())
-                            .bind(r.column.as_str())
-                            .bind(r.key_path.as_ref().map(KeyPath::to_json))
-                            .bind(r.column_type.sql())
-                            .bind(r.split_of.as_deref())
-                            .bind(at);
-                    }
-                    query.execute(&mut **tx).await?;
+                    bind_chunk!(at).execute(&mut **tx).await?;
                 }
                 Tx::Sqlite(tx) => {
-                    let mut query = sqlx::query(AssertSqlSafe(sql));
-                    for r in chunk {
-                        query = query
-                            .bind(r.table.name())
-                            .bind(r.column.as_str())
-                            .bind(r.key_path.as_ref().map(KeyPath::to_json))
-                            .bind(r.column_type.sql())
-                            .bind(r.split_of.as_deref())
-                            .bind(crate::normalize::format_timestamp(&at));
-                    }
-                    query.execute(&mut **tx).await?;
+                    let at = crate::normalize::format_timestamp(&at);
+                    bind_chunk!(at.as_str()).execute(&mut **tx).await?;
                 }
             }
         }
