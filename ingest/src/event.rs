@@ -107,6 +107,9 @@ pub enum InvalidEvent {
     /// field may be any scalar: string, number or boolean; other fields must be strings).
     #[error("missing \"{0}\": a {1} event needs it as a non-empty string")]
     MissingField(&'static str, &'static str),
+    /// The `messageId` is longer than [`MAX_MESSAGE_ID_BYTES`].
+    #[error("\"messageId\" is {0} bytes long; at most {MAX_MESSAGE_ID_BYTES} are accepted")]
+    MessageIdTooLong(usize),
     /// Neither `userId` nor `anonymousId` is present.
     #[error("a {0} event needs \"userId\" or \"anonymousId\"")]
     MissingIdentity(&'static str),
@@ -135,6 +138,10 @@ pub fn call_of(event: &Map<String, Value>) -> Result<Call, InvalidEvent> {
         .map(Call::Load)
         .map_err(|_| InvalidEvent::UnknownType(kind.to_owned()))
 }
+
+/// The longest `messageId` accepted, in bytes. It is every table's primary key, and
+/// PostgreSQL's index holds keys of at most about 2700 bytes; Segment's ids are 36 to 60.
+pub const MAX_MESSAGE_ID_BYTES: usize = 2000;
 
 /// Segment's identity fields. The spec types them as strings, but Segment's own libraries send
 /// numbers too (analytics-python passes `groupId` and `previousId` through as the caller gave
@@ -176,6 +183,9 @@ pub fn validate(event: &Value) -> Result<Envelope, InvalidEvent> {
         Call::Delete => "delete",
     };
     let message_id = required_id(object, "messageId", name)?.into_owned();
+    if message_id.len() > MAX_MESSAGE_ID_BYTES {
+        return Err(InvalidEvent::MessageIdTooLong(message_id.len()));
+    }
     if let Call::Load(table) = call {
         let has = |key| object.get(key).and_then(id_text).is_some();
         match table {
@@ -286,6 +296,10 @@ mod tests {
             (
                 json!({"type": "group", "messageId": "m", "userId": "u"}),
                 InvalidEvent::MissingField("groupId", "group"),
+            ),
+            (
+                json!({"type": "track", "messageId": "m".repeat(2001), "userId": "u", "event": "e"}),
+                InvalidEvent::MessageIdTooLong(2001),
             ),
         ];
         for (event, expected) in cases {

@@ -7,8 +7,9 @@
 //!
 //! | in the body | becomes | why |
 //! |---|---|---|
-//! | `\u0000` in a string or key | `\ufffd` (U+FFFD) | PostgreSQL `text` and `jsonb` cannot hold U+0000 |
-//! | a lone UTF-16 surrogate escape (`\ud83d` cut from its pair) | `\ufffd` | browsers cut strings inside a pair |
+//! | `\u0000` in a string | `\ufffd` (U+FFFD) | PostgreSQL `text` and `jsonb` cannot hold U+0000 |
+//! | a lone UTF-16 surrogate escape (`\ud83d` cut from its pair) in a string | `\ufffd` | browsers cut strings inside a pair |
+//! | either in an object key, and U+FFFD in a key | U+FFFD and the four hex digits of what it replaced (`src\ufffd0000tag`, `a\ufffdfffd`) | keys that differed must stay different, or one value would be lost |
 //! | the bare tokens `NaN`, `Infinity`, `-Infinity` | a tagged string (below) | analytics-python writes them |
 //! | an integer outside `-2^63 ..= 2^63-1`, or a number beyond a double's range (`1e400`) | a tagged string of its exact text | `serde_json` would round the one and refuse the other |
 //!
@@ -127,36 +128,52 @@ pub fn repair(body: &[u8]) -> Result<Cow<'_, [u8]>, JsonError> {
                 i += 1;
             }
             b'"' => {
+                // Escapes to repair, and U+FFFD the client sent (which keys must mark too).
+                let mut marks: Vec<Mark> = Vec::new();
                 i += 1;
                 while i < body.len() && body[i] != b'"' {
-                    if body[i] != b'\\' {
-                        i += 1;
-                        continue;
-                    }
-                    match body.get(i + 1) {
-                        Some(b'u') => match escaped_unit(body, i) {
-                            Some(0) => {
-                                replace(&mut out, i, i + 6, br"\ufffd");
-                                i += 6;
-                            }
-                            Some(0xD800..=0xDBFF) => {
+                    if body[i] == b'\\' {
+                        match (body.get(i + 1), escaped_unit(body, i)) {
+                            (Some(b'u'), Some(unit @ 0xD800..=0xDBFF)) => {
                                 if matches!(escaped_unit(body, i + 6), Some(0xDC00..=0xDFFF)) {
                                     i += 12;
                                 } else {
-                                    replace(&mut out, i, i + 6, br"\ufffd");
+                                    marks.push(Mark::repair(i, 6, unit));
                                     i += 6;
                                 }
                             }
-                            Some(0xDC00..=0xDFFF) => {
-                                replace(&mut out, i, i + 6, br"\ufffd");
+                            (Some(b'u'), Some(unit @ (0 | 0xDC00..=0xDFFF))) => {
+                                marks.push(Mark::repair(i, 6, unit));
+                                i += 6;
+                            }
+                            (Some(b'u'), Some(0xFFFD)) => {
+                                marks.push(Mark::sent(i, 6));
                                 i += 6;
                             }
                             _ => i += 2,
-                        },
-                        _ => i += 2,
+                        }
+                    } else if body[i] == REPLACEMENT_UTF8[0]
+                        && body[i..].starts_with(REPLACEMENT_UTF8)
+                    {
+                        marks.push(Mark::sent(i, 3));
+                        i += 3;
+                    } else {
+                        i += 1;
                     }
                 }
                 i += 1;
+                if marks.is_empty() {
+                    continue;
+                }
+                let key = is_key(body, i);
+                for mark in marks {
+                    if key {
+                        let with = format!("\\ufffd{:04x}", mark.unit);
+                        replace(&mut out, mark.at, mark.at + mark.len, with.as_bytes());
+                    } else if mark.repair {
+                        replace(&mut out, mark.at, mark.at + mark.len, br"\ufffd");
+                    }
+                }
             }
             b'N' | b'I' | b'-' if non_finite_token(&body[i..]).is_some() => {
                 let token = non_finite_token(&body[i..]).unwrap_or_default();
@@ -186,6 +203,48 @@ pub fn repair(body: &[u8]) -> Result<Cow<'_, [u8]>, JsonError> {
             Cow::Owned(buffer)
         }
     })
+}
+
+/// U+FFFD in UTF-8.
+const REPLACEMENT_UTF8: &[u8] = "\u{fffd}".as_bytes();
+
+/// A place in a string that [`repair`] may rewrite.
+struct Mark {
+    /// Where it starts in the body, and its length in bytes.
+    at: usize,
+    len: usize,
+    /// The UTF-16 unit it stands for.
+    unit: u32,
+    /// Whether it must be repaired (U+0000 or a lone surrogate), or is a U+FFFD the client sent.
+    repair: bool,
+}
+
+impl Mark {
+    fn repair(at: usize, len: usize, unit: u32) -> Mark {
+        Mark {
+            at,
+            len,
+            unit,
+            repair: true,
+        }
+    }
+
+    fn sent(at: usize, len: usize) -> Mark {
+        Mark {
+            at,
+            len,
+            unit: 0xFFFD,
+            repair: false,
+        }
+    }
+}
+
+/// Whether the string that ended just before `at` is an object key: a `:` follows.
+fn is_key(body: &[u8], at: usize) -> bool {
+    body[at.min(body.len())..]
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|b| *b == b':')
 }
 
 /// The UTF-16 unit of a `\uXXXX` escape starting at `at`, if there is one.
@@ -218,7 +277,8 @@ fn number_end(body: &[u8], start: usize) -> usize {
 }
 
 /// Whether a number token is an integer (no fraction, no exponent) outside `i64`, or a number
-/// whose magnitude no double reaches.
+/// whose magnitude no double reaches: too large (it would be infinite) or too small (it would
+/// be 0 though it is not).
 fn needs_exact_text(token: &[u8]) -> bool {
     let Ok(text) = std::str::from_utf8(token) else {
         return false;
@@ -226,19 +286,28 @@ fn needs_exact_text(token: &[u8]) -> bool {
     let digits = text.strip_prefix('-').unwrap_or(text);
     if digits.bytes().all(|b| b.is_ascii_digit()) {
         // i64 has 19 digits at most; anything shorter fits.
-        digits.len() >= 19 && text.parse::<i64>().is_err()
-    } else {
-        text.parse::<f64>().is_ok_and(f64::is_infinite)
+        return digits.len() >= 19 && text.parse::<i64>().is_err();
     }
+    let mantissa = digits.split(['e', 'E']).next().unwrap_or_default();
+    let zero = !mantissa.bytes().any(|b| (b'1'..=b'9').contains(&b));
+    text.parse::<f64>()
+        .is_ok_and(|f| f.is_infinite() || (f == 0.0 && !zero))
 }
 
-/// Writes `value` as JSON text, with tagged strings written back as what the client sent: big
-/// numbers as bare numbers, non-finite numbers as the strings `"NaN"`, `"Infinity"` and
-/// `"-Infinity"` (JSON, and so `jsonb`, has no such numbers).
+/// The most digits of an integer written as a bare number in stored JSON; longer ones, and other
+/// big numbers, are written as strings (PostgreSQL's `numeric`, which `jsonb` numbers are, holds
+/// 131072 digits before the point and none past an exponent of that size).
+const MAX_JSON_INTEGER_DIGITS: usize = 1000;
+
+/// Writes `value` as JSON text, with tagged strings written back as what the client sent:
+/// integers beyond 64 bits as bare numbers (up to 1000 digits), other big numbers as strings of
+/// their text, non-finite numbers as the strings `"NaN"`, `"Infinity"` and `"-Infinity"` (JSON,
+/// and so `jsonb`, has no such numbers).
 pub fn write_json(value: &Value, out: &mut String) {
     match value {
         Value::String(s) => match special(s) {
-            Some(Special::BigNumber(digits)) => out.push_str(digits),
+            Some(Special::BigNumber(text)) if is_json_integer(text) => out.push_str(text),
+            Some(Special::BigNumber(text)) => write_string(text, out),
             Some(Special::NonFinite(f)) => write_string(non_finite_name(f), out),
             None => write_string(s, out),
         },
@@ -269,6 +338,12 @@ pub fn write_json(value: &Value, out: &mut String) {
             let _ = write!(out, "{scalar}");
         }
     }
+}
+
+/// Whether a big number's text is an integer short enough to store as a JSON number.
+fn is_json_integer(text: &str) -> bool {
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    digits.len() <= MAX_JSON_INTEGER_DIGITS && digits.bytes().all(|b| b.is_ascii_digit())
 }
 
 /// [`write_json`] into a new string.
@@ -304,11 +379,30 @@ mod tests {
     fn nul_and_lone_surrogates_become_replacement_characters() {
         let value = read(r#"{"a\u0000b": "\u0000", "t": "deal \ud83d", "l": "\ude00 x", "p": "\ud83d\ude80", "hh": "\ud83d\ud83d\ude80"}"#)
             .expect("repaired");
-        assert_eq!(value["a\u{fffd}b"], "\u{fffd}");
+        assert_eq!(value["a\u{fffd}0000b"], "\u{fffd}");
         assert_eq!(value["t"], "deal \u{fffd}");
         assert_eq!(value["l"], "\u{fffd} x");
         assert_eq!(value["p"], "🚀");
         assert_eq!(value["hh"], "\u{fffd}🚀");
+    }
+
+    #[test]
+    fn repaired_keys_stay_distinct() {
+        let value = read(
+            "{\"a\\u0000\": 1, \"a\\ufffd\": 2, \"a\u{fffd}x\": 3, \"b\\ud800\" : 4, \"b\\udc00\": 5, \"v\": \"\\u0000\u{fffd}\"}",
+        )
+        .expect("repaired");
+        let object = value.as_object().expect("object");
+        assert_eq!(object.len(), 6, "{object:?}");
+        assert_eq!(value["a\u{fffd}0000"], 1);
+        assert_eq!(value["a\u{fffd}fffd"], 2);
+        assert_eq!(value["a\u{fffd}fffdx"], 3);
+        assert_eq!(value["b\u{fffd}d800"], 4);
+        assert_eq!(value["b\u{fffd}dc00"], 5);
+        assert_eq!(
+            value["v"], "\u{fffd}\u{fffd}",
+            "values only lose what cannot be stored"
+        );
     }
 
     #[test]

@@ -16,7 +16,7 @@
 //!
 //! Nothing here touches a database.
 
-use chrono::{DateTime, Datelike, NaiveDateTime, Utc};
+use chrono::{DateTime, Datelike, NaiveDateTime, TimeDelta, Timelike, Utc};
 use serde_json::{Map, Value};
 
 use crate::event::{Envelope, IDENTITY_KEYS, Table, id_text};
@@ -77,17 +77,18 @@ impl SqlValue {
         }
     }
 
-    /// An estimate of the bytes the value takes in a PostgreSQL row, where it cannot be moved
-    /// out of line: 8 for fixed-width values (their alignment included), and for text and JSON
-    /// at most the 18-byte pointer that TOAST leaves behind (plus alignment), since PostgreSQL
-    /// moves long values out of the row.
+    /// An upper bound of the bytes the value takes in a PostgreSQL row, padding included: each
+    /// value's size rounded up to 8 bytes, so that however the columns are ordered, no value
+    /// needs more room for its alignment than it is counted for. Fixed-width values count 8;
+    /// text and JSON their length (plus a 4-byte header) up to 24, the 18-byte pointer TOAST
+    /// leaves behind when PostgreSQL moves a longer value out of the row.
     pub fn row_bytes(&self) -> usize {
         match self {
             SqlValue::BigInt(_)
             | SqlValue::Double(_)
             | SqlValue::Boolean(_)
             | SqlValue::Timestamp(_) => 8,
-            SqlValue::Text(s) | SqlValue::Json(s) => (s.len() + 4).min(24),
+            SqlValue::Text(s) | SqlValue::Json(s) => (s.len() + 4).min(24).next_multiple_of(8),
         }
     }
 }
@@ -202,6 +203,12 @@ pub fn parse_timestamp(text: &str) -> Option<DateTime<Utc>> {
                 .find_map(|format| NaiveDateTime::parse_from_str(text, format).ok())
                 .map(|t| t.and_utc())
         })?;
+    // A leap second (`23:59:60`) is the first instant of the next minute, as PostgreSQL
+    // stores it, so both databases hold the same time.
+    let parsed = match parsed.nanosecond().checked_sub(1_000_000_000) {
+        Some(nanos) => parsed.with_nanosecond(nanos)? + TimeDelta::seconds(1),
+        None => parsed,
+    };
     (1..=9999).contains(&parsed.year()).then_some(parsed)
 }
 
@@ -377,6 +384,10 @@ mod tests {
         ] {
             assert_eq!(parse_timestamp(text), Some(expected), "{text}");
         }
+        assert_eq!(
+            parse_timestamp("2016-12-31T23:59:60.5Z").map(|t| format_timestamp(&t)),
+            Some("2017-01-01T00:00:00.500000Z".to_owned())
+        );
         for text in [
             "yesterday",
             "2026-02-30T00:00:00Z",

@@ -331,6 +331,15 @@ pub fn create_columns_sql(schema: &str) -> String {
     )
 }
 
+/// `SELECT` of every record of `_sdc_columns`: table name, column name, key path, column type,
+/// split of.
+pub fn select_columns_sql(schema: &str) -> String {
+    format!(
+        "SELECT table_name, column_name, key_path, column_type, split_of FROM {}",
+        qualified(schema, COLUMNS_TABLE)
+    )
+}
+
 /// A column recorded in `_sdc_columns`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ColumnRecord {

@@ -621,6 +621,10 @@ async fn refused_records_go_to_sdc_rejected(backend: Backend) {
     let batch = format!("[{}, {}]", track("fine", json!({"a": 1})), forbidden);
     let (status, body) = post(&server.url("/v1/webhook"), batch).await;
     assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        json!({"ok": true, "loaded": 1, "rejected": 1, "skipped": 0})
+    );
     assert!(dest.row(SCHEMA, Table::Track, "fine").await.is_some());
     assert!(dest.row(SCHEMA, Table::Track, "refused").await.is_none());
     let rejected = dest.rejected(SCHEMA).await;

@@ -124,14 +124,24 @@ async fn nul_characters_become_replacement_characters(backend: Backend) {
         .expect("br-01-2");
     assert_eq!(track["event"], "Signed Out\u{fffd}");
     let tag = dest
-        .column_of(SCHEMA, Table::Track, &["properties", "src\u{fffd}tag"])
+        .column_of(SCHEMA, Table::Track, &["properties", "src\u{fffd}0000tag"])
         .await;
-    assert!(tag.starts_with("properties__src_tag"), "{tag}");
+    assert!(tag.starts_with("properties__src_0000tag"), "{tag}");
     assert_eq!(track[&tag], "kiosk");
     assert!(dest.row(SCHEMA, Table::Track, "br-01-3").await.is_some());
     assert!(dest.rejected(SCHEMA).await.is_empty());
     assert_all_stored(&dest, &parse_body(&body), &TRACKING_REWRITES).await;
-    // The same kind: NUL in a key at the top level, in a nested key, and on the webhook.
+    // The same kind: NUL in a key at the top level, in a nested key, and on the webhook; keys
+    // that differ only in a NUL, a lone surrogate or a U+FFFD keep their own values.
+    let keys = r#"{"type":"track","messageId":"nul-3","userId":"u","event":"e","properties":{"a\u0000":1,"a\ufffd":2,"b\ud800":3,"b\udc00":4,"b\ufffd":5}}"#;
+    assert_eq!(post(&server, "/v1/webhook", keys).await.0, 200);
+    let parsed = parse_body(keys.as_bytes());
+    assert_eq!(
+        parsed["properties"].as_object().expect("properties").len(),
+        5
+    );
+    dest.assert_event_stored(SCHEMA, Table::Track, &parsed, &[])
+        .await;
     let event = r#"{"type":"track","messageId":"nul-2","userId":"u\u0000","event":"e","a\u0000":{"b\u0000c":"\u0000\u0000"}}"#;
     let (status, answer) = post(&server, "/v1/webhook", event).await;
     assert_eq!(status, 200, "{answer}");
@@ -181,7 +191,7 @@ async fn lone_surrogates_become_replacement_characters(backend: Backend) {
         .expect("sur-2");
     assert_eq!(row["traits__s"], "\u{fffd}x\u{fffd}");
     let key = dest
-        .column_of(SCHEMA, Table::Identify, &["traits", "k\u{fffd}"])
+        .column_of(SCHEMA, Table::Identify, &["traits", "k\u{fffd}dc00"])
         .await;
     assert_eq!(row[&key], "\u{fffd}\u{fffd}");
     assert_names_sound(&dest).await;
@@ -649,24 +659,53 @@ async fn numeric_ids_are_text(backend: Backend) {
         );
     }
     assert_all_stored(&dest, &parse_body(&body), &TRACKING_REWRITES).await;
-    // Every id field with every scalar type, on the webhook; `150004` and `"150004"` are one key.
+    // Every id field with every scalar type, on the webhook and the Tracking API; `150004` and
+    // `"150004"` are one key.
     let mut n = 0;
-    for value in [
+    let types = [
         json!(7),
         json!(-7),
         json!(7.5),
         json!(true),
         json!("7"),
         json!(18446744073709551615u64),
-    ] {
-        for field in ["userId", "anonymousId", "groupId"] {
-            n += 1;
-            let mut event = json!({"type": "group", "messageId": format!("id-{n}"), "userId": "u", "groupId": "g"});
-            event[field] = value.clone();
-            let (status, answer) = post(&server, "/v1/webhook", event.to_string()).await;
-            assert_eq!(status, 200, "{event} -> {answer}");
-            dest.assert_event_stored(SCHEMA, Table::Group, &event, &[])
-                .await;
+    ];
+    for route in ["/v1/webhook", "/v1/batch"] {
+        for value in &types {
+            for field in [
+                "messageId",
+                "userId",
+                "anonymousId",
+                "groupId",
+                "previousId",
+            ] {
+                n += 1;
+                let (kind, mut event) = if field == "previousId" {
+                    (
+                        Table::Alias,
+                        json!({"type": "alias", "messageId": format!("id-{n}"), "userId": "u", "previousId": "p"}),
+                    )
+                } else {
+                    (
+                        Table::Group,
+                        json!({"type": "group", "messageId": format!("id-{n}"), "userId": "u", "groupId": "g"}),
+                    )
+                };
+                event[field] = match (field, value) {
+                    // Distinct message ids per case: the number with the case's count.
+                    ("messageId", Value::Number(_)) => json!(n * 1000),
+                    _ => value.clone(),
+                };
+                let body = if route == "/v1/batch" {
+                    json!({"batch": [event]})
+                } else {
+                    event.clone()
+                };
+                let (status, answer) = post(&server, route, body.to_string()).await;
+                assert_eq!(status, 200, "{event} -> {answer}");
+                dest.assert_event_stored(SCHEMA, kind, &event, &TRACKING_REWRITES)
+                    .await;
+            }
         }
     }
     let again = json!({"type": "track", "messageId": "150004", "userId": "12345", "event": "Numeric Message Id", "properties": {"probe": "again"}});
@@ -843,7 +882,115 @@ async fn a_second_process_maps_keys_to_the_same_columns(backend: Backend) {
     drop(process);
 }
 
+/// PostgreSQL only: a table that cannot grow (its dropped columns still count toward
+/// PostgreSQL's 1600, and are never given back) refuses every new column with SQLSTATE 54011.
+/// Events that need a new column still load, their new keys in `_sdc_overflow`; the other
+/// events of the same batch and of concurrent requests load as usual; nothing is answered 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_columns_send_new_keys_to_overflow_not_the_batch_to_503() {
+    let (dest, server) = start(Backend::Postgres, "refused-ddl").await;
+    let base = dest.columns(SCHEMA, Table::Track).await.len();
+    let fillers: Vec<String> = (0..(1600 - base)).map(|i| format!("filler_{i}")).collect();
+    let alter = |verb: &str, suffix: &str| {
+        let parts: Vec<String> = fillers
+            .iter()
+            .map(|c| format!("{verb} {c}{suffix}"))
+            .collect();
+        format!("ALTER TABLE segment.track {}", parts.join(", "))
+    };
+    dest.execute(SCHEMA, &alter("ADD COLUMN", " int")).await;
+    dest.execute(SCHEMA, &alter("DROP COLUMN", "")).await;
+    let event = |i: usize| {
+        let properties = if i.is_multiple_of(2) {
+            json!({"new_key": i})
+        } else {
+            json!({})
+        };
+        json!({"type": "track", "messageId": format!("ddl-{i}"), "userId": "u", "event": "e", "properties": properties})
+    };
+    let batch: Vec<Value> = (0..20).map(event).collect();
+    let (status, answer) = post(
+        &server,
+        "/v1/webhook",
+        Value::Array(batch.clone()).to_string(),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let singles: Vec<Value> = (20..40).map(event).collect();
+    let sends = singles
+        .iter()
+        .map(|e| post(&server, "/v1/webhook", e.to_string()));
+    for (status, answer) in futures::future::join_all(sends).await {
+        assert_eq!(status, 200, "{answer}");
+    }
+    for e in batch.iter().chain(&singles) {
+        dest.assert_event_stored(SCHEMA, Table::Track, e, &[]).await;
+    }
+    let row = dest
+        .row(SCHEMA, Table::Track, "ddl-2")
+        .await
+        .expect("ddl-2");
+    assert_eq!(row["_sdc_overflow"], json!({"properties": {"new_key": 2}}));
+    assert!(dest.rejected(SCHEMA).await.is_empty());
+    server.stop().await;
+}
+
+/// More of the same kinds, found by trying: a wide row of short texts between integers (whose
+/// alignment padding PostgreSQL counts), numbers no double or `numeric` holds, in columns and in
+/// JSON, a leap second, and a `messageId` too long for any key.
+async fn more_of_the_same_kinds(backend: Backend) {
+    let (dest, server) = start(backend, "more").await;
+    let mut wide = serde_json::Map::new();
+    for i in 0..600 {
+        wide.insert(format!("k{i:04}a"), json!(""));
+        wide.insert(format!("k{i:04}b"), json!(i));
+    }
+    let events = [
+        json!({"type": "track", "messageId": "padded", "userId": "u", "event": "e", "properties": wide}),
+        parse_body(br#"{"type": "track", "messageId": "huge", "userId": "u", "event": "e", "properties": {"a": [1e200000], "t": 1e-400, "z": 2.5e-330, "n": 1e200000}}"#),
+        json!({"type": "track", "messageId": "leap", "userId": "u", "event": "e", "timestamp": "2016-12-31T23:59:60Z"}),
+    ];
+    for route in ["/v1/webhook", "/v1/batch"] {
+        for event in &events {
+            let body = if route == "/v1/batch" {
+                json!({"batch": [event]})
+            } else {
+                event.clone()
+            };
+            let body = sluice_ingest::json::to_json_text(&body);
+            let (status, answer) = post(&server, route, body).await;
+            assert_eq!(status, 200, "{answer}");
+            let skip: &[&str] = if route == "/v1/batch" {
+                &TRACKING_REWRITES
+            } else {
+                &[]
+            };
+            dest.assert_event_stored(SCHEMA, Table::Track, event, skip)
+                .await;
+        }
+        assert!(
+            dest.rejected(SCHEMA).await.is_empty(),
+            "{:?}",
+            dest.rejected(SCHEMA).await
+        );
+        let leap = dest.row(SCHEMA, Table::Track, "leap").await.expect("leap");
+        assert_eq!(leap["timestamp"], "2017-01-01T00:00:00.000000Z");
+        let huge = dest.row(SCHEMA, Table::Track, "huge").await.expect("huge");
+        assert_eq!(huge["properties__t"], "1e-400");
+        assert_eq!(huge["properties__a"], json!(["1e200000"]));
+    }
+    let long = json!({"type": "track", "messageId": "m".repeat(3000), "userId": "u", "event": "e"});
+    let (status, answer) = post(&server, "/v1/webhook", long.to_string()).await;
+    assert_eq!(status, 400);
+    assert!(
+        answer["error"].as_str().expect("error").contains("2000"),
+        "{answer}"
+    );
+    server.stop().await;
+}
+
 sluice_tests::on_both_backends!(
+    more_of_the_same_kinds,
     nul_characters_become_replacement_characters,
     lone_surrogates_become_replacement_characters,
     colliding_keys_keep_their_own_columns_for_good,

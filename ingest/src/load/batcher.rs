@@ -43,27 +43,34 @@ pub struct LoadSummary {
     pub loaded: Vec<(Table, usize)>,
     /// Records kept in `_sdc_rejected`, per table.
     pub rejected: Vec<(Table, usize)>,
+    /// The table and `message_id` of each record kept in `_sdc_rejected`.
+    pub rejected_records: Vec<(Table, String)>,
+}
+
+/// What became of one submitted job's records once their batch committed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Outcome {
+    /// Records upserted into their tables.
+    pub loaded: usize,
+    /// Records the database refused, kept in `_sdc_rejected`.
+    pub rejected: usize,
 }
 
 impl LoadSummary {
-    /// The summary of a batch written as `tables`, of which the database refused `refused`
-    /// rows; `set_aside` records never reached the insert (their columns were refused).
-    pub(super) fn of(
-        tables: &[TableRows<'_>],
-        refused: &[Rejected],
-        set_aside: &[Rejected],
-    ) -> LoadSummary {
-        let mut summary = LoadSummary::default();
-        let count = |list: &[Rejected], table| list.iter().filter(|r| r.table == table).count();
+    /// The summary of a batch written as `tables`, of which the database refused `refused`.
+    pub(super) fn of(tables: &[TableRows<'_>], refused: &[Rejected]) -> LoadSummary {
+        let mut summary = LoadSummary {
+            rejected_records: refused
+                .iter()
+                .map(|r| (r.table, r.message_id.clone()))
+                .collect(),
+            ..LoadSummary::default()
+        };
         for rows in tables {
-            summary
-                .loaded
-                .push((rows.table, rows.rows.len() - count(refused, rows.table)));
-        }
-        for table in Table::ALL {
-            let n = count(refused, table) + count(set_aside, table);
+            let n = refused.iter().filter(|r| r.table == rows.table).count();
+            summary.loaded.push((rows.table, rows.rows.len() - n));
             if n > 0 {
-                summary.rejected.push((table, n));
+                summary.rejected.push((rows.table, n));
             }
         }
         summary
@@ -74,12 +81,12 @@ impl LoadSummary {
 #[derive(Debug)]
 pub struct Job {
     items: Vec<Item>,
-    done: oneshot::Sender<Result<(), LoadError>>,
+    done: oneshot::Sender<Result<Outcome, LoadError>>,
     _queued: OwnedSemaphorePermit,
 }
 
-/// What [`Loader::submit`] hands back: wait on it for the commit.
-pub type Submitted = oneshot::Receiver<Result<(), LoadError>>;
+/// What [`Loader::submit`] hands back: wait on it for the commit and the job's [`Outcome`].
+pub type Submitted = oneshot::Receiver<Result<Outcome, LoadError>>;
 
 /// The handle the receiver uses to load records. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -137,6 +144,7 @@ impl Loader {
                 received_at,
                 sequence: self.next_sequence(),
                 raw,
+                adds_columns: true,
             })
             .collect::<Vec<_>>();
         let (done, answer) = oneshot::channel();
@@ -232,6 +240,16 @@ async fn write_batch(
     metrics: Arc<Metrics>,
     _writer: OwnedSemaphorePermit,
 ) {
+    // Each job's records, to tell it which of them the database refused.
+    let keys: Vec<Vec<(Table, String)>> = batch
+        .iter()
+        .map(|job| {
+            job.items
+                .iter()
+                .map(|i| (i.record.table, i.record.message_id.clone()))
+                .collect()
+        })
+        .collect();
     let items: Vec<Item> = batch
         .iter_mut()
         .flat_map(|job| std::mem::take(&mut job.items))
@@ -240,16 +258,16 @@ async fn write_batch(
     let started = Instant::now();
     let result = warehouse.write(&catalog, items).await;
     let elapsed = started.elapsed().as_secs_f64();
-    let answer = match result {
+    let summary = match result {
         Ok(summary) => {
             metrics.batch(count, elapsed);
-            for (table, n) in summary.loaded {
-                metrics.loaded(table, n);
+            for (table, n) in &summary.loaded {
+                metrics.loaded(*table, *n);
             }
-            for (table, n) in summary.rejected {
-                metrics.rejected(table, n);
+            for (table, n) in &summary.rejected {
+                metrics.rejected(*table, *n);
             }
-            Ok(())
+            Ok(summary)
         }
         Err(error) => {
             tracing::error!(%error, events = count, "batch not committed; senders will retry");
@@ -257,8 +275,18 @@ async fn write_batch(
         }
     };
     metrics.queue(-(count as i64));
-    for job in batch {
+    for (job, keys) in batch.into_iter().zip(keys) {
+        let answer = summary.as_ref().map_err(Clone::clone).map(|summary| {
+            let rejected = keys
+                .iter()
+                .filter(|key| summary.rejected_records.contains(key))
+                .count();
+            Outcome {
+                loaded: keys.len() - rejected,
+                rejected,
+            }
+        });
         // A sender that went away (client disconnected) needs no answer; its rows are loaded.
-        let _ = job.done.send(answer.clone());
+        let _ = job.done.send(answer);
     }
 }

@@ -20,7 +20,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{AssertSqlSafe, PgPool, SqlitePool};
 use tokio::sync::Mutex;
 
-pub use batcher::{Job, LoadSummary, Loader, LoaderConfig, Submitted};
+pub use batcher::{Job, LoadSummary, Loader, LoaderConfig, Outcome, Submitted};
 pub use ownership::{Claim, Dropped, OWNERSHIP_TABLE, Owner};
 pub use plan::Item;
 
@@ -357,8 +357,9 @@ impl Warehouse {
     }
 
     /// Writes a batch in one transaction and commits it: adds the columns it needs first,
-    /// then upserts every table's rows. A record whose columns cannot be added, or that the
-    /// database refuses, goes to `_sdc_rejected`; the rest of the batch is committed.
+    /// then upserts every table's rows. A record whose columns the database refuses keeps its
+    /// new keys in `_sdc_overflow`; a record the database refuses goes to `_sdc_rejected`. The
+    /// rest of the batch is committed either way.
     pub async fn write(
         &self,
         catalog: &Mutex<Catalog>,
@@ -370,22 +371,20 @@ impl Warehouse {
             let current = self.catalog().await?;
             *catalog.lock().await = current;
         }
-        // Records whose columns could not be added, set aside before the insert.
-        let mut set_aside: Vec<Rejected> = Vec::new();
+        let mut isolated = false;
         loop {
             let tables = match self.plan(catalog, &items).await {
                 Ok(tables) => tables,
-                Err(LoadError::Database(error)) => {
+                Err(LoadError::Database(error)) if !isolated => {
                     tracing::warn!(%error, "columns for the batch refused; adding them record by record");
-                    items = self
-                        .set_aside_ddl_failures(catalog, items, &mut set_aside)
-                        .await?;
+                    items = self.isolate_ddl_failures(catalog, items).await?;
+                    isolated = true;
                     continue;
                 }
                 Err(other) => return Err(other),
             };
-            let error = match self.insert_all(&tables, &set_aside).await {
-                Ok(()) => return Ok(LoadSummary::of(&tables, &[], &set_aside)),
+            let error = match self.insert_all(&tables).await {
+                Ok(()) => return Ok(LoadSummary::of(&tables, &[])),
                 Err(error) => error,
             };
             match self.failure(&error) {
@@ -396,31 +395,34 @@ impl Warehouse {
                 }
                 Failure::Data | Failure::Stale => {
                     tracing::warn!(%error, "batch refused; loading its records one by one");
-                    let refused = self.insert_each(&tables, &items, &set_aside).await?;
-                    return Ok(LoadSummary::of(&tables, &refused, &set_aside));
+                    let refused = self.insert_each(&tables, &items).await?;
+                    return Ok(LoadSummary::of(&tables, &refused));
                 }
                 Failure::Unavailable => return Err(LoadError::Unavailable(error.to_string())),
             }
         }
     }
 
-    /// Adds the columns of each item alone, and sets aside the items whose columns the
-    /// database refuses, so that one event's keys never fail its batch. Returns the others.
-    async fn set_aside_ddl_failures(
+    /// Adds the columns of each item alone; an item whose columns the database refuses adds
+    /// none and keeps its new keys in `_sdc_overflow` instead, so that one event's keys never
+    /// fail its batch.
+    async fn isolate_ddl_failures(
         &self,
         catalog: &Mutex<Catalog>,
-        items: Vec<Item>,
-        set_aside: &mut Vec<Rejected>,
+        mut items: Vec<Item>,
     ) -> Result<Vec<Item>, LoadError> {
-        let mut kept = Vec::with_capacity(items.len());
-        for item in items {
-            match self.plan(catalog, std::slice::from_ref(&item)).await {
-                Ok(_) => kept.push(item),
-                Err(LoadError::Database(reason)) => set_aside.push(Rejected::of(&item, reason)),
+        for item in &mut items {
+            match self.plan(catalog, std::slice::from_ref(item)).await {
+                Ok(_) => {}
+                Err(LoadError::Database(reason)) => {
+                    tracing::warn!(table = %item.record.table, message_id = %item.record.message_id, %reason,
+                        "columns refused; the record's new keys go to _sdc_overflow");
+                    item.adds_columns = false;
+                }
                 Err(other) => return Err(other),
             }
         }
-        Ok(kept)
+        Ok(items)
     }
 
     /// Plans the batch against the catalog, evolving the schema until every column exists.
@@ -447,18 +449,10 @@ impl Warehouse {
         ))
     }
 
-    async fn insert_all(
-        &self,
-        tables: &[TableRows<'_>],
-        set_aside: &[Rejected],
-    ) -> Result<(), sqlx::Error> {
+    async fn insert_all(&self, tables: &[TableRows<'_>]) -> Result<(), sqlx::Error> {
         let mut tx = self.begin().await?;
         for rows in tables {
             tx.insert(&self.schema, rows).await?;
-        }
-        let now = Utc::now();
-        for record in set_aside {
-            tx.insert_rejected(&self.schema, record, now).await?;
         }
         tx.commit().await
     }
@@ -468,7 +462,6 @@ impl Warehouse {
         &self,
         tables: &[TableRows<'_>],
         items: &[Item],
-        set_aside: &[Rejected],
     ) -> Result<Vec<Rejected>, LoadError> {
         let mut tx = self.begin().await.map_err(|e| self.error(e))?;
         let mut rejected = Vec::new();
@@ -494,7 +487,7 @@ impl Warehouse {
             }
         }
         let now = Utc::now();
-        for record in rejected.iter().chain(set_aside) {
+        for record in &rejected {
             tracing::warn!(table = %record.table, message_id = %record.message_id, reason = %record.reason, "record rejected");
             tx.insert_rejected(&self.schema, record, now)
                 .await
@@ -542,32 +535,29 @@ impl Tx {
         // Well inside both databases' limits on bound parameters (six per record).
         for chunk in records.chunks(1000) {
             let sql = schema::insert_columns_sql(self.dialect(), schema, chunk.len());
+            // The same parameters on both databases; only the time's encoding differs.
+            macro_rules! bind_chunk {
+                ($at:expr) => {{
+                    let mut query = sqlx::query(AssertSqlSafe(sql));
+                    for r in chunk {
+                        query = query
+                            .bind(r.table.name())
+                            .bind(r.column.as_str())
+                            .bind(r.key_path.as_ref().map(KeyPath::to_json))
+                            .bind(r.column_type.sql())
+                            .bind(r.split_of.as_deref())
+                            .bind($at);
+                    }
+                    query
+                }};
+            }
             match self {
                 Tx::Postgres(tx) => {
-                    let mut query = sqlx::query(AssertSqlSafe(sql));
-                    for r in chunk {
-                        query = query
-                            .bind(r.table.name())
-                            .bind(r.column.as_str())
-                            .bind(r.key_path.as_ref().map(KeyPath::to_json))
-                            .bind(r.column_type.sql())
-                            .bind(r.split_of.as_deref())
-                            .bind(at);
-                    }
-                    query.execute(&mut **tx).await?;
+                    bind_chunk!(at).execute(&mut **tx).await?;
                 }
                 Tx::Sqlite(tx) => {
-                    let mut query = sqlx::query(AssertSqlSafe(sql));
-                    for r in chunk {
-                        query = query
-                            .bind(r.table.name())
-                            .bind(r.column.as_str())
-                            .bind(r.key_path.as_ref().map(KeyPath::to_json))
-                            .bind(r.column_type.sql())
-                            .bind(r.split_of.as_deref())
-                            .bind(crate::normalize::format_timestamp(&at));
-                    }
-                    query.execute(&mut **tx).await?;
+                    let at = crate::normalize::format_timestamp(&at);
+                    bind_chunk!(at.as_str()).execute(&mut **tx).await?;
                 }
             }
         }

@@ -6,7 +6,8 @@
 //! and plan again. Two limits send values to the table's `_sdc_overflow` JSON column instead,
 //! so that nothing is dropped:
 //!
-//! - a table stops growing at [`COLUMN_LIMIT`] columns;
+//! - a table stops growing at [`COLUMN_LIMIT`] columns, and a record whose columns the
+//!   database refused adds none ([`Item::adds_columns`]);
 //! - a row holds at most [`ROW_BYTES_LIMIT`] bytes of values that PostgreSQL cannot move out of
 //!   the row (8 per number, boolean or timestamp; at most 24 per text or JSON value, see
 //!   [`SqlValue::row_bytes`]). PostgreSQL refuses rows over 8160 bytes ("row is too big"); the
@@ -46,6 +47,10 @@ pub struct Item {
     pub sequence: i64,
     /// The event exactly as it was received, kept for `_sdc_rejected`.
     pub raw: Bytes,
+    /// Whether the record may add columns. Cleared when the database refused the columns it
+    /// asked for: its values without a column then go to `_sdc_overflow`, so the record still
+    /// loads and cannot fail its batch again.
+    pub adds_columns: bool,
 }
 
 /// The rows of one table in a batch, column-aligned and ready to insert. Values are borrowed
@@ -203,7 +208,7 @@ fn plan_table<'a, 'c>(
                     let p = position(name, column_ty, &mut columns);
                     row.push((p, coerce(Cow::Borrowed(&field.value), column_ty)));
                 }
-                Target::Missing if fits => {
+                Target::Missing if fits && item.adds_columns => {
                     row_bytes += field.value.row_bytes();
                     if missing_seen.insert((&field.path, ty)) {
                         missing.push((field.path.clone(), ty));
@@ -347,6 +352,7 @@ mod tests {
             received_at: Utc::now(),
             sequence,
             raw: Bytes::from(event.to_string()),
+            adds_columns: true,
         }
     }
 
@@ -495,6 +501,26 @@ mod tests {
             value(&rows[0], "message_id"),
             Some(&SqlValue::Text("wide".into()))
         );
+    }
+
+    #[test]
+    fn a_record_that_may_not_add_columns_overflows_its_new_keys() {
+        let catalog = catalog_with(
+            Table::Track,
+            &[(&["properties", "known"], ColumnType::Text)],
+        );
+        let mut refused = item(track(json!({"known": "k", "new": 1})), 1);
+        refused.adds_columns = false;
+        let items = [refused];
+        let rows = plan(&catalog, &items, Utc::now()).expect("nothing to add");
+        assert_eq!(
+            value(&rows[0], "properties__known"),
+            Some(&SqlValue::Text("k".into()))
+        );
+        let Some(SqlValue::Json(text)) = value(&rows[0], OVERFLOW_COLUMN) else {
+            panic!("overflow")
+        };
+        assert_eq!(text, r#"{"properties":{"new":1}}"#);
     }
 
     #[test]

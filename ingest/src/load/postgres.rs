@@ -13,7 +13,7 @@ use super::plan::TableRows;
 use super::{Failure, LoadError, Rejected, on_conflict_sql};
 use crate::normalize::SqlValue;
 use crate::schema::{
-    COLUMNS_TABLE, Catalog, ColumnType, Dialect, insert_rejected_sql, qualified, quote_ident,
+    Catalog, ColumnType, Dialect, insert_rejected_sql, qualified, quote_ident, select_columns_sql,
 };
 
 /// A lazily connecting pool: the process starts, and `/readyz` reports, while the database is
@@ -58,11 +58,7 @@ pub(super) fn classify(code: &str) -> Failure {
 /// Reads the columns of every event table of `schema` and the records of `_sdc_columns`.
 pub(super) async fn catalog(conn: &mut PgConnection, schema: &str) -> Result<Catalog, sqlx::Error> {
     let table_columns = columns(&mut *conn, schema).await?;
-    let sql = format!(
-        "SELECT table_name, column_name, key_path, column_type, split_of FROM {}",
-        qualified(schema, COLUMNS_TABLE)
-    );
-    let records: Vec<super::RecordRow> = sqlx::query_as(AssertSqlSafe(sql))
+    let records: Vec<super::RecordRow> = sqlx::query_as(AssertSqlSafe(select_columns_sql(schema)))
         .fetch_all(&mut *conn)
         .await?;
     Ok(Catalog::from_rows(

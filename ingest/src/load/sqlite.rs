@@ -14,7 +14,9 @@ use super::plan::TableRows;
 use super::{Failure, LoadError, Rejected, on_conflict_sql};
 use crate::json;
 use crate::normalize::{SqlValue, format_timestamp};
-use crate::schema::{COLUMNS_TABLE, Catalog, Dialect, insert_rejected_sql, qualified, quote_ident};
+use crate::schema::{
+    Catalog, Dialect, insert_rejected_sql, qualified, quote_ident, select_columns_sql,
+};
 
 /// SQLite's default cap on bound parameters per statement (`SQLITE_MAX_VARIABLE_NUMBER`).
 const MAX_PARAMETERS: usize = 32_766;
@@ -90,11 +92,7 @@ pub(super) async fn catalog(
         .bind(schema)
         .fetch_all(&mut *conn)
         .await?;
-    let sql = format!(
-        "SELECT table_name, column_name, key_path, column_type, split_of FROM {}",
-        qualified(schema, COLUMNS_TABLE)
-    );
-    let records: Vec<super::RecordRow> = sqlx::query_as(AssertSqlSafe(sql))
+    let records: Vec<super::RecordRow> = sqlx::query_as(AssertSqlSafe(select_columns_sql(schema)))
         .fetch_all(&mut *conn)
         .await?;
     Ok(Catalog::from_rows(

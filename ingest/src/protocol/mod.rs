@@ -31,11 +31,13 @@ use chrono::Utc;
 use serde_json::{Value, json};
 
 pub use auth::{Auth, Unauthorized, sign};
-pub use tracking::{CorsOrigins, WriteKeys, corrected_timestamp, enrich};
+pub use tracking::{
+    CorsOrigins, Refused, WriteKeys, corrected_timestamp, decode_object, enrich, split_batch,
+};
 
 use crate::event::{Call, InvalidEvent, Table, json_kind, validate};
 use crate::json;
-use crate::load::{LoadError, Loader, RETRY_AFTER, Warehouse};
+use crate::load::{LoadError, Loader, Outcome, RETRY_AFTER, Warehouse};
 use crate::metrics::Metrics;
 use crate::normalize::{Record, normalize};
 use crate::startup::Readiness;
@@ -270,30 +272,46 @@ async fn webhook(State(state): State<Arc<AppState>>, headers: HeaderMap, body: B
         Err(refusal) => return refusal.into_response(),
     };
     match commit(&state, records, skipped, received_at).await {
-        Ok((loaded, skipped)) => {
-            let body = json!({ "ok": true, "loaded": loaded, "skipped": skipped });
+        Ok(committed) => {
+            let body = json!({
+                "ok": true,
+                "loaded": committed.outcome.loaded,
+                "rejected": committed.outcome.rejected,
+                "skipped": committed.skipped,
+            });
             (StatusCode::OK, axum::Json(body)).into_response()
         }
         Err(e) => unavailable(e),
     }
 }
 
-/// Submits records and returns once they are committed: how many were loaded and skipped.
+/// What a request's events came to: loaded and rejected records, and events skipped because
+/// their table is not selected.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Committed {
+    outcome: Outcome,
+    skipped: usize,
+}
+
+/// Submits records and returns once they are committed, with what became of them.
 async fn commit(
     state: &AppState,
     records: Vec<(Record, Bytes)>,
     skipped: Vec<Table>,
     received_at: chrono::DateTime<Utc>,
-) -> Result<(usize, usize), LoadError> {
-    let loaded = records.len();
+) -> Result<Committed, LoadError> {
+    let mut outcome = Outcome::default();
     if !records.is_empty() {
         let answer = state.loader.submit(records, received_at)?;
-        answer.await.unwrap_or(Err(LoadError::ShuttingDown))?;
+        outcome = answer.await.unwrap_or(Err(LoadError::ShuttingDown))?;
     }
     for table in &skipped {
         state.metrics.skipped(*table, 1);
     }
-    Ok((loaded, skipped.len()))
+    Ok(Committed {
+        outcome,
+        skipped: skipped.len(),
+    })
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {

@@ -90,9 +90,9 @@ impl WriteKeys {
     }
 }
 
-/// A Tracking API request refused, with the answer to give.
+/// A Tracking API request refused: the status to answer and what was wrong.
 #[derive(Debug)]
-struct Refused(StatusCode, String);
+pub struct Refused(pub StatusCode, pub String);
 
 impl IntoResponse for Refused {
     fn into_response(self) -> Response {
@@ -222,29 +222,10 @@ fn parse(
     body: Bytes,
     route: Route,
 ) -> Result<Vec<Map<String, Value>>, Refused> {
-    let limit = match route {
-        Route::Single(_) => MAX_EVENT_BYTES,
-        Route::Batch => MAX_BATCH_BYTES,
-    };
-    let body = decompress(headers, body, limit)?;
-    if body.len() > limit {
-        return Err(bad(match route {
-            Route::Single(_) => format!(
-                "event is larger than the 32 KB limit ({} bytes)",
-                body.len()
-            ),
-            Route::Batch => format!(
-                "batch is larger than the 500 KB limit ({} bytes)",
-                body.len()
-            ),
-        }));
-    }
-    let malformed = |e: json::JsonError| bad(format!("malformed JSON: {e}"));
-    let repaired = json::repair(&body).map_err(malformed)?;
-    let value: Value = json::parse(&repaired).map_err(malformed)?;
-    let Value::Object(mut object) = value else {
-        return Err(bad("the body must be a JSON object"));
-    };
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok());
+    let mut object = decode_object(encoding, body, route == Route::Batch)?;
     let key = basic_user(headers).or_else(|| {
         object
             .get("writeKey")
@@ -270,7 +251,45 @@ fn parse(
     }
 }
 
-fn split_batch(mut object: Map<String, Value>) -> Result<Vec<Map<String, Value>>, Refused> {
+/// Decodes a Tracking API body: gzip if `content_encoding` says so, Segment's size limit (32 KB
+/// for one event, 500 KB for a `batch` body, after decoding), then JSON ([`json::repair`]). The
+/// answer is the body's object; anything else is a 400 (415 for an unknown encoding).
+pub fn decode_object(
+    content_encoding: Option<&str>,
+    body: Bytes,
+    batch: bool,
+) -> Result<Map<String, Value>, Refused> {
+    let limit = if batch {
+        MAX_BATCH_BYTES
+    } else {
+        MAX_EVENT_BYTES
+    };
+    let body = decompress(content_encoding, body, limit)?;
+    if body.len() > limit {
+        return Err(bad(if batch {
+            format!(
+                "batch is larger than the 500 KB limit ({} bytes)",
+                body.len()
+            )
+        } else {
+            format!(
+                "event is larger than the 32 KB limit ({} bytes)",
+                body.len()
+            )
+        }));
+    }
+    let malformed = |e: json::JsonError| bad(format!("malformed JSON: {e}"));
+    let repaired = json::repair(&body).map_err(malformed)?;
+    match json::parse(&repaired).map_err(malformed)? {
+        Value::Object(object) => Ok(object),
+        _ => Err(bad("the body must be a JSON object")),
+    }
+}
+
+/// The events of a `/v1/batch` body: its `batch` array (at most 2500 events of at most 32 KB),
+/// each with the batch's `context` and `integrations` merged under its own and the batch's
+/// `sentAt` unless it has one.
+pub fn split_batch(mut object: Map<String, Value>) -> Result<Vec<Map<String, Value>>, Refused> {
     let items = match object.remove("batch") {
         Some(Value::Array(items)) => items,
         _ => {
@@ -342,11 +361,8 @@ fn merge_under(item: &mut Map<String, Value>, field: &str, top: &Map<String, Val
     }
 }
 
-fn decompress(headers: &HeaderMap, body: Bytes, limit: usize) -> Result<Bytes, Refused> {
-    let encoding = headers
-        .get(header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.trim().to_ascii_lowercase());
+fn decompress(encoding: Option<&str>, body: Bytes, limit: usize) -> Result<Bytes, Refused> {
+    let encoding = encoding.map(|v| v.trim().to_ascii_lowercase());
     match encoding.as_deref() {
         None | Some("identity") => Ok(body),
         Some("gzip") => {
