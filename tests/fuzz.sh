@@ -26,7 +26,7 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 
 cd fuzz
-cargo +nightly fuzz build -O "${targets[@]/#/}" >&2 2>&1 || cargo +nightly fuzz build -O
+cargo +nightly fuzz build -O >&2
 for target in "${targets[@]}"; do
   printf '== fuzz %s for %s s\n' "$target" "$seconds" >&2
   mkdir -p "corpus/$target"
