@@ -8,9 +8,10 @@
 #   4. Segment's Python and Node libraries, for the Tracking API tests (tests/scripts/clients.sh)
 #   5. helm and kubectl for the chart tests (tests/scripts/helm.sh)
 #   6. cargo test for the whole workspace: unit tests and the integration tests in tests/
+#   7. each fuzz target for 30 s (tests/fuzz.sh; cargo-fuzz from crates.io, the nightly toolchain)
 #
-# What is built or installed on the way (kube-apiserver, etcd, the client libraries, helm) is cached in
-# tools/, which git ignores.
+# What is built or installed on the way (kube-apiserver, etcd, the client libraries, helm,
+# cargo-fuzz) is cached in tools/, which git ignores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=tests/scripts/servers.sh
@@ -39,3 +40,6 @@ step "tests"
 # The process-level tests run the real binary.
 cargo build --locked -p sluice-ingest --bins
 cargo test --workspace --locked
+
+step "fuzzing, 30 s per target"
+bash tests/fuzz.sh 30
