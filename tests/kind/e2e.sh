@@ -27,6 +27,8 @@
 #                       binaries are built on the host and put in the images by the Dockerfile's
 #                       BINARIES=prebuilt. public: kindest/node, the Dockerfile's own Rust and
 #                       distroless images, postgres:17-alpine (where registries can be reached).
+#   SLUICE_E2E_PROFILE  the cargo profile of the host-built binaries in local mode: release
+#                       (default) or dev (tests/run.sh: the test command has built them already).
 #   SLUICE_E2E_KEEP=1   keep the cluster (and dockerd) for a look afterwards.
 #   KIND_VERSION, SLUICE_E2E_CLUSTER, SLUICE_E2E_PORT, SLUICE_TOOLS_DIR.
 set -euo pipefail
@@ -122,11 +124,13 @@ if [ "$mode" = local ]; then
   eval "$(bash tests/kind/node-image.sh)"
   postgres_image=$SLUICE_KIND_POSTGRES_IMAGE
   client_image=$SLUICE_KIND_POSTGRES_IMAGE
-  log "the project's binaries (cargo build --release on the host)"
-  nice -n 10 cargo build --release --locked -p sluice-ingest -p sluice-operator --bins
+  profile=${SLUICE_E2E_PROFILE:-release}
+  case $profile in release) profile_dir=release ;; dev) profile_dir=debug ;; *) fail "SLUICE_E2E_PROFILE is '$profile'" ;; esac
+  log "the project's binaries (cargo build --profile $profile on the host)"
+  nice -n 10 cargo build --profile "$profile" --locked -p sluice-ingest -p sluice-operator --bins
   target_dir=$(cargo metadata --format-version 1 --no-deps | jq -r .target_directory)
   mkdir -p target/image
-  cp "$target_dir/release/sluice-ingest" "$target_dir/release/sluice-operator" target/image/
+  cp "$target_dir/$profile_dir/sluice-ingest" "$target_dir/$profile_dir/sluice-operator" target/image/
   # The host's binaries link the C library dynamically: the runtime base is the Debian one.
   build_args=(--build-arg BINARIES=prebuilt --build-arg "RUNTIME_IMAGE=$SLUICE_KIND_BASE_IMAGE"
     --build-arg "RUST_IMAGE=$SLUICE_KIND_BASE_IMAGE")
