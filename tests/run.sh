@@ -8,9 +8,11 @@
 #   4. Segment's Python and Node libraries, for the Tracking API tests (tests/scripts/clients.sh)
 #   5. helm and kubectl for the chart tests (tests/scripts/helm.sh)
 #   6. cargo test for the whole workspace: unit tests and the integration tests in tests/
+#   7. the kind end-to-end check, tests/kind/e2e.sh: Docker, images, a kind cluster, the chart and
+#      the user's scenario (it starts and stops its own dockerd and cluster)
 #
-# What is built or installed on the way (kube-apiserver, etcd, the client libraries, helm) is cached in
-# tools/, which git ignores.
+# What is built or installed on the way (kube-apiserver, etcd, the client libraries, helm, the kind
+# node image) is cached in tools/, which git ignores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=tests/scripts/servers.sh
@@ -39,3 +41,7 @@ step "tests"
 # The process-level tests run the real binary.
 cargo build --locked -p sluice-ingest --bins
 cargo test --workspace --locked
+
+step "kind end to end"
+# The binaries of the images are the ones just tested (dev profile): no second, release build.
+SLUICE_E2E_PROFILE=dev bash tests/kind/e2e.sh
