@@ -9,9 +9,11 @@
 #   5. helm and kubectl for the chart tests (tests/scripts/helm.sh)
 #   6. cargo test for the whole workspace: unit tests and the integration tests in tests/
 #   7. each fuzz target for 30 s (tests/fuzz.sh; cargo-fuzz from crates.io, the nightly toolchain)
+#   8. the kind end-to-end check, tests/kind/e2e.sh: Docker, images, a kind cluster, the chart and
+#      the user's scenario (it starts and stops its own dockerd and cluster)
 #
 # What is built or installed on the way (kube-apiserver, etcd, the client libraries, helm,
-# cargo-fuzz) is cached in tools/, which git ignores.
+# cargo-fuzz, the kind node image) is cached in tools/, which git ignores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=tests/scripts/servers.sh
@@ -43,3 +45,7 @@ cargo test --workspace --locked
 
 step "fuzzing, 30 s per target"
 bash tests/fuzz.sh 30
+
+step "kind end to end"
+# The binaries of the images are the ones just tested (dev profile): no second, release build.
+SLUICE_E2E_PROFILE=dev bash tests/kind/e2e.sh

@@ -39,6 +39,8 @@ pub const WEBHOOK_URL_KEY: &str = "webhookUrl";
 pub const CONTAINER_NAME: &str = "ingest";
 /// The label every child carries, naming its integration; children are found by it.
 pub const INTEGRATION_LABEL: &str = "sluice.dev/integration";
+/// The pod template's annotation holding [`secret_hash`] of the Secret values the ingest reads.
+pub const SECRET_HASH_ANNOTATION: &str = "sluice.dev/secret-hash";
 
 /// What the build step needs beyond the resource itself.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,6 +49,22 @@ pub struct Inputs {
     pub schema: String,
     /// The image when the spec names none.
     pub default_image: String,
+    /// [`secret_hash`] of the referenced Secret values, when they could be read. Environment
+    /// variables from a Secret are read only when a container starts, so a changed value (a
+    /// rotated database password) must change the pod template for the pods to roll.
+    pub secret_hash: Option<String>,
+}
+
+/// A short, stable digest of Secret values (SHA-256, length-prefixed so that value boundaries
+/// count, first 16 hex digits): the same values give the same hash on every replica and release.
+pub fn secret_hash<'a>(values: impl IntoIterator<Item = &'a str>) -> String {
+    use sha2::{Digest, Sha256};
+    let mut digest = Sha256::new();
+    for value in values {
+        digest.update((value.len() as u64).to_be_bytes());
+        digest.update(value.as_bytes());
+    }
+    hex::encode(&digest.finalize()[..8])
 }
 
 /// Why a resource cannot be built into objects. Normally the CRD's validation prevents these.
@@ -303,6 +321,9 @@ pub fn deployment(si: &SegmentIntegration, inputs: &Inputs) -> Result<Deployment
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(labels),
+                    annotations: inputs.secret_hash.as_ref().map(|hash| {
+                        BTreeMap::from([(SECRET_HASH_ANNOTATION.to_owned(), hash.clone())])
+                    }),
                     ..ObjectMeta::default()
                 }),
                 spec: Some(PodSpec {
@@ -451,7 +472,51 @@ mod tests {
         Inputs {
             schema: "shop_events".to_owned(),
             default_image: "sluice-ingest:test".to_owned(),
+            secret_hash: None,
         }
+    }
+
+    fn template_annotation(deployment: &Deployment) -> Option<String> {
+        deployment
+            .spec
+            .as_ref()?
+            .template
+            .metadata
+            .as_ref()?
+            .annotations
+            .as_ref()?
+            .get(SECRET_HASH_ANNOTATION)
+            .cloned()
+    }
+
+    #[test]
+    fn a_changed_secret_value_changes_the_pod_template() {
+        let old = secret_hash(["postgres://sluice:old@db/warehouse"]);
+        let new = secret_hash(["postgres://sluice:new@db/warehouse"]);
+        assert_ne!(old, new);
+        assert_eq!(old, secret_hash(["postgres://sluice:old@db/warehouse"]));
+        assert_eq!(old.len(), 16);
+        // Value boundaries count: ["ab", "c"] is not ["a", "bc"].
+        assert_ne!(secret_hash(["ab", "c"]), secret_hash(["a", "bc"]));
+
+        let with = |hash: &str| Inputs {
+            secret_hash: Some(hash.to_owned()),
+            ..inputs()
+        };
+        let before = deployment(&basic(), &with(&old)).expect("deployment");
+        let after = deployment(&basic(), &with(&new)).expect("deployment");
+        assert_eq!(template_annotation(&before), Some(old));
+        assert_eq!(template_annotation(&after), Some(new));
+        assert_ne!(
+            before.spec.map(|s| s.template),
+            after.spec.map(|s| s.template)
+        );
+    }
+
+    #[test]
+    fn without_readable_secrets_the_template_has_no_hash() {
+        let deployment = deployment(&basic(), &inputs()).expect("deployment");
+        assert_eq!(template_annotation(&deployment), None);
     }
 
     fn env_value(env: &[EnvVar], name: &str) -> Option<String> {

@@ -282,9 +282,13 @@ async fn apply(si: &SegmentIntegration, ctx: &Context) -> Result<Action, Error> 
     let namespace = si
         .namespace()
         .ok_or(Error::Build(BuildError::Incomplete("namespace")))?;
+    // The destination URL is read first: its hash goes on the pod template (a rotated password
+    // rolls the ingest pods); when it cannot be read, the status below says why.
+    let url = destination::url(client, &namespace, &si.spec.destination.url_secret_ref).await;
     let inputs = Inputs {
         schema: si.schema_name(),
         default_image: ctx.config.ingest_image.clone(),
+        secret_hash: url.as_deref().ok().map(|url| build::secret_hash([url])),
     };
     let tables = si.tables();
     let owner = build::schema_owner(si)?;
@@ -333,11 +337,8 @@ async fn apply(si: &SegmentIntegration, ctx: &Context) -> Result<Action, Error> 
         }
     }
 
-    let destination = async {
-        let url = destination::url(client, &namespace, &si.spec.destination.url_secret_ref).await?;
-        destination::ensure_schema(&url, &inputs.schema, &tables, &owner).await
-    }
-    .await;
+    let destination =
+        async { destination::ensure_schema(&url?, &inputs.schema, &tables, &owner).await }.await;
     let (schema_ready, report) = match destination {
         Ok((claim, report)) => (
             Observation::ok(
