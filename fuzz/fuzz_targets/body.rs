@@ -24,11 +24,19 @@ fuzz_target!(|data: &[u8]| {
         one => vec![one],
     };
     for event in events {
-        let Ok(envelope) = validate(&event) else { continue };
-        let (Call::Load(table), Value::Object(object)) = (envelope.call, event) else { continue };
+        let Ok(envelope) = validate(&event) else {
+            continue;
+        };
+        let (Call::Load(table), Value::Object(object)) = (envelope.call, event) else {
+            continue;
+        };
         let record = normalize(table, &envelope, object);
         for field in &record.fields {
-            assert!(field.path.keys().all(|k| !k.contains('\0')), "{}", field.path);
+            assert!(
+                field.path.keys().all(|k| !k.contains('\0')),
+                "{}",
+                field.path
+            );
         }
     }
 });

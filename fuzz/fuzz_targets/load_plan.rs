@@ -11,15 +11,23 @@ use sluice_ingest::json;
 use sluice_ingest::load::Item;
 use sluice_ingest::load::plan::{dedup, plan};
 use sluice_ingest::normalize::normalize;
-use sluice_ingest::schema::{Catalog, ColumnRecord, TableColumns};
+use sluice_ingest::schema::{Catalog, TableColumns};
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(repaired) = json::repair(data) else { return };
-    let Ok(Value::Array(events)) = json::parse::<Value>(&repaired) else { return };
+    let Ok(repaired) = json::repair(data) else {
+        return;
+    };
+    let Ok(Value::Array(events)) = json::parse::<Value>(&repaired) else {
+        return;
+    };
     let mut items = Vec::new();
     for (i, event) in events.into_iter().enumerate() {
-        let Ok(envelope) = validate(&event) else { continue };
-        let (Call::Load(table), Value::Object(object)) = (envelope.call, event) else { continue };
+        let Ok(envelope) = validate(&event) else {
+            continue;
+        };
+        let (Call::Load(table), Value::Object(object)) = (envelope.call, event) else {
+            continue;
+        };
         items.push(Item {
             record: normalize(table, &envelope, object),
             received_at: chrono::Utc::now(),
@@ -31,11 +39,7 @@ fuzz_target!(|data: &[u8]| {
     let items = dedup(items);
     let mut catalog = Catalog::default();
     for table in sluice_ingest::event::Table::ALL {
-        let mut columns = TableColumns::default();
-        for record in ColumnRecord::base(table) {
-            columns.insert(&record, Some(record.column_type));
-        }
-        catalog.0.insert(table, columns);
+        catalog.0.insert(table, TableColumns::new_table(table));
     }
     for _ in 0..4 {
         match plan(&catalog, &items, chrono::Utc::now()) {

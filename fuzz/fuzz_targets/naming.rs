@@ -9,13 +9,10 @@ use std::collections::{HashMap, HashSet};
 use libfuzzer_sys::fuzz_target;
 use sluice_ingest::event::Table;
 use sluice_ingest::naming::{KeyPath, MAX_IDENTIFIER_BYTES, is_reserved};
-use sluice_ingest::schema::{ColumnRecord, ColumnType, TableColumns, base_columns};
+use sluice_ingest::schema::{ColumnType, TableColumns, base_columns};
 
 fuzz_target!(|batches: Vec<Vec<(Vec<String>, u8)>>| {
-    let mut table = TableColumns::default();
-    for record in ColumnRecord::base(Table::Track) {
-        table.insert(&record, Some(record.column_type));
-    }
+    let mut table = TableColumns::new_table(Table::Track);
     let base: HashSet<&str> = base_columns(Table::Track).iter().map(|c| c.name).collect();
     let mut seen: HashMap<KeyPath, String> = HashMap::new();
     for batch in batches {
@@ -44,9 +41,15 @@ fuzz_target!(|batches: Vec<Vec<(Vec<String>, u8)>>| {
             if let Some(other) = owners.insert(name, path) {
                 panic!("{name} holds {path} and {other}");
             }
-            assert!(!name.is_empty() && name.len() <= MAX_IDENTIFIER_BYTES, "{name}");
+            assert!(
+                !name.is_empty() && name.len() <= MAX_IDENTIFIER_BYTES,
+                "{name}"
+            );
             let split = column.made_for != columns[0].made_for;
-            assert!(split || base.contains(name) || !is_reserved(name), "{name} for {path}");
+            assert!(
+                split || base.contains(name) || !is_reserved(name),
+                "{name} for {path}"
+            );
         }
     }
 });

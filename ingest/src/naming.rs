@@ -366,11 +366,7 @@ mod tests {
     }
 
     fn new_track_table() -> crate::schema::TableColumns {
-        let mut table = crate::schema::TableColumns::default();
-        for record in crate::schema::ColumnRecord::base(crate::event::Table::Track) {
-            table.insert(&record, Some(record.column_type));
-        }
-        table
+        crate::schema::TableColumns::new_table(crate::event::Table::Track)
     }
 
     fn key() -> impl Strategy<Value = String> {

@@ -419,6 +419,16 @@ pub struct TableColumns {
 }
 
 impl TableColumns {
+    /// The columns of `table` as [`crate::load::Warehouse::ensure_schema`] creates and records
+    /// them: its base columns, each holding its Segment key.
+    pub fn new_table(table: Table) -> TableColumns {
+        let mut columns = TableColumns::default();
+        for record in ColumnRecord::base(table) {
+            columns.insert(&record, Some(record.column_type));
+        }
+        columns
+    }
+
     /// The type of `column`, if it exists: `Some(None)` for a type Sluice does not write.
     pub fn get(&self, column: &str) -> Option<Option<ColumnType>> {
         self.columns.get(column).copied()
@@ -681,21 +691,13 @@ mod tests {
         assert_eq!(ColumnType::from_catalog("numeric"), None);
     }
 
-    fn new_table(table: Table) -> TableColumns {
-        let mut columns = TableColumns::default();
-        for record in ColumnRecord::base(table) {
-            columns.insert(&record, Some(record.column_type));
-        }
-        columns
-    }
-
     fn path(keys: &[&str]) -> KeyPath {
         KeyPath::new(keys.iter().copied())
     }
 
     #[test]
     fn clean_names_win_among_keys_that_arrive_together() {
-        let table = new_table(Table::Track);
+        let table = TableColumns::new_table(Table::Track);
         let needs = [
             (path(&["properties", "UserID"]), ColumnType::Text),
             (path(&["properties", "userId"]), ColumnType::Text),
@@ -724,7 +726,7 @@ mod tests {
 
     #[test]
     fn a_second_type_gets_a_split_of_the_first_column() {
-        let mut table = new_table(Table::Track);
+        let mut table = TableColumns::new_table(Table::Track);
         let p = path(&["properties", "seats"]);
         for record in table.plan_columns(Table::Track, &[(p.clone(), ColumnType::BigInt)]) {
             table.insert(&record.record, Some(record.record.column_type));
@@ -748,7 +750,7 @@ mod tests {
             ]
         );
         // An integer in a double column needs nothing new.
-        let mut doubles = new_table(Table::Track);
+        let mut doubles = TableColumns::new_table(Table::Track);
         for record in doubles.plan_columns(Table::Track, &[(p.clone(), ColumnType::Double)]) {
             doubles.insert(&record.record, Some(record.record.column_type));
         }
@@ -761,7 +763,7 @@ mod tests {
 
     #[test]
     fn columns_made_before_the_record_was_kept_are_adopted() {
-        let mut table = new_table(Table::Track);
+        let mut table = TableColumns::new_table(Table::Track);
         table
             .columns
             .insert("properties__plan".to_owned(), Some(ColumnType::Text));
@@ -776,7 +778,7 @@ mod tests {
 
     #[test]
     fn planning_stops_at_the_column_limit() {
-        let mut table = new_table(Table::Identify);
+        let mut table = TableColumns::new_table(Table::Identify);
         let needs: Vec<(KeyPath, ColumnType)> = (0..2000)
             .map(|i| {
                 (
@@ -795,7 +797,7 @@ mod tests {
 
     #[test]
     fn records_round_trip_through_the_catalog() {
-        let table = new_table(Table::Group);
+        let table = TableColumns::new_table(Table::Group);
         let columns = table.columns.iter().map(|(c, t)| {
             (
                 "group".to_owned(),

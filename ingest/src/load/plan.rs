@@ -338,7 +338,6 @@ mod tests {
     use super::*;
     use crate::event::{Call, validate};
     use crate::normalize::normalize;
-    use crate::schema::ColumnRecord;
     use serde_json::{Value, json};
 
     fn item(event: Value, sequence: i64) -> Item {
@@ -362,10 +361,7 @@ mod tests {
 
     /// A new table's catalog with columns for `extra` key paths, as the loader records them.
     fn catalog_with(table: Table, extra: &[(&[&str], ColumnType)]) -> Catalog {
-        let mut columns = TableColumns::default();
-        for record in ColumnRecord::base(table) {
-            columns.insert(&record, Some(record.column_type));
-        }
+        let mut columns = TableColumns::new_table(table);
         // One at a time, as events arriving one after the other would add them.
         for (keys, ty) in extra {
             for new in columns.plan_columns(table, &[(path(keys), *ty)]) {
