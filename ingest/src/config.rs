@@ -65,13 +65,14 @@ pub struct Config {
     )]
     pub cors_origins: Vec<String>,
 
-    /// Tables to load, comma-separated, from alias, group, identify, page, screen, track.
-    /// Events of other types are acknowledged and skipped.
+    /// Tables to load, comma-separated; by default Stitch's five (all but alias). Events of
+    /// other types are acknowledged and skipped.
     #[arg(
         long,
         env = "SLUICE_TABLES",
+        value_enum,
         value_delimiter = ',',
-        default_value = "group,identify,page,screen,track"
+        default_values_t = Table::DEFAULT
     )]
     pub tables: Vec<Table>,
 

@@ -9,10 +9,27 @@ use std::str::FromStr;
 
 use serde_json::{Map, Value};
 
-/// A destination table. Each Segment call type loads into the table of the same name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// A destination table: the Segment call type of the same name.
+//
+// Its serde form, command-line value and (with the `schema` feature) JSON Schema are the lowercase
+// table name, so the operator's CRD, the ingest's flags and the error messages all come from here.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "lowercase")]
 pub enum Table {
-    /// `alias` calls (optional; not selected by default, as in Stitch).
+    /// `alias` calls (not selected by default, as in Stitch).
     Alias,
     /// `group` calls.
     Group,
@@ -57,6 +74,11 @@ impl Table {
             Table::Track => "track",
         }
     }
+
+    /// Every table's name, comma-separated in name order, for messages and help texts.
+    pub fn names() -> String {
+        Table::ALL.map(Table::name).join(", ")
+    }
 }
 
 impl fmt::Display for Table {
@@ -67,7 +89,7 @@ impl fmt::Display for Table {
 
 /// The error for a table name that Sluice does not load.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown table {0:?}: expected one of alias, group, identify, page, screen, track")]
+#[error("unknown table {0:?}: expected one of {names}", names = Table::names())]
 pub struct UnknownTable(pub String);
 
 impl FromStr for Table {
@@ -98,10 +120,10 @@ pub enum InvalidEvent {
     #[error("an event must be a JSON object, got {0}")]
     NotAnObject(&'static str),
     /// No `type` field.
-    #[error("missing \"type\": expected one of track, identify, page, screen, group, alias")]
+    #[error("missing \"type\": expected one of {}", Table::names())]
     MissingType,
     /// A `type` Segment does not define.
-    #[error("unknown type {0:?}: expected one of track, identify, page, screen, group, alias")]
+    #[error("unknown type {0:?}: expected one of {names}", names = Table::names())]
     UnknownType(String),
     /// A required field is absent, empty or not of a type that holds a value (an identity
     /// field may be any scalar: string, number or boolean; other fields must be strings).

@@ -1,4 +1,5 @@
-//! Prometheus metrics of the ingest service, served as text at `GET /metrics`.
+//! Prometheus metrics of the ingest service, served as text at `GET /metrics`, and the one
+//! way both binaries serve their registry ([`exposition`]).
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -100,12 +101,9 @@ impl Metrics {
         }
     }
 
-    /// The metrics in Prometheus' text format.
+    /// The metrics in the OpenMetrics text format.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        // Writing to a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        encode(&self.registry)
     }
 
     /// Counts an answered request.
@@ -146,4 +144,22 @@ impl Metrics {
     pub fn queue(&self, delta: i64) {
         self.queue_depth.inc_by(delta);
     }
+}
+
+/// The content type of the OpenMetrics text format that [`prometheus_client`]'s encoder writes
+/// (OpenMetrics 1.0, section "Text format"), which Prometheus negotiates and reads.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// A registry in the OpenMetrics text format.
+pub fn encode(registry: &Registry) -> String {
+    let mut text = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut text, registry);
+    text
+}
+
+/// The answer to `GET /metrics`: `text` (from [`encode`]) with its [`CONTENT_TYPE`].
+pub fn exposition(text: String) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    ([(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response()
 }

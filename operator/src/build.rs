@@ -76,33 +76,54 @@ pub enum BuildError {
 }
 
 /// The Deployment's and Service's name: `<name>-ingest`.
-pub fn ingest_name(si: &SegmentIntegration) -> String {
-    format!("{}-ingest", name(si))
+pub fn ingest_name(si: &SegmentIntegration) -> Result<String, BuildError> {
+    Ok(format!("{}-ingest", name(si)?))
 }
 
 /// The credentials Secret's name: `<name>-credentials`.
-pub fn credentials_name(si: &SegmentIntegration) -> String {
-    format!("{}-credentials", name(si))
+pub fn credentials_name(si: &SegmentIntegration) -> Result<String, BuildError> {
+    Ok(format!("{}-credentials", name(si)?))
 }
 
-fn name(si: &SegmentIntegration) -> &str {
-    si.metadata.name.as_deref().unwrap_or_default()
+/// The resource's name; an object not read from the API server has none, and building children
+/// named `-ingest` from it would be a bug.
+fn name(si: &SegmentIntegration) -> Result<&str, BuildError> {
+    si.metadata
+        .name
+        .as_deref()
+        .filter(|name| !name.is_empty())
+        .ok_or(BuildError::Incomplete("name"))
+}
+
+/// The resource's namespace (it is namespaced: one without is not from the API server).
+pub fn namespace(si: &SegmentIntegration) -> Result<&str, BuildError> {
+    si.metadata
+        .namespace
+        .as_deref()
+        .filter(|namespace| !namespace.is_empty())
+        .ok_or(BuildError::Incomplete("namespace"))
 }
 
 /// The labels of every child, and the selector of the ingest pods.
-pub fn labels(si: &SegmentIntegration) -> BTreeMap<String, String> {
-    BTreeMap::from([
+pub fn labels(si: &SegmentIntegration) -> Result<BTreeMap<String, String>, BuildError> {
+    let name = name(si)?;
+    Ok(BTreeMap::from([
         (
             "app.kubernetes.io/name".to_owned(),
             "sluice-ingest".to_owned(),
         ),
-        ("app.kubernetes.io/instance".to_owned(), name(si).to_owned()),
+        ("app.kubernetes.io/instance".to_owned(), name.to_owned()),
         (
             "app.kubernetes.io/managed-by".to_owned(),
             "sluice-operator".to_owned(),
         ),
-        (INTEGRATION_LABEL.to_owned(), name(si).to_owned()),
-    ])
+        (INTEGRATION_LABEL.to_owned(), name.to_owned()),
+    ]))
+}
+
+/// The label selector of every child of `si` (`sluice.dev/integration=<name>`).
+pub fn children_selector(si: &SegmentIntegration) -> Result<String, BuildError> {
+    Ok(format!("{INTEGRATION_LABEL}={}", name(si)?))
 }
 
 fn owner(si: &SegmentIntegration) -> Result<OwnerReference, BuildError> {
@@ -116,13 +137,8 @@ fn owner(si: &SegmentIntegration) -> Result<OwnerReference, BuildError> {
 fn metadata(si: &SegmentIntegration, name: String) -> Result<ObjectMeta, BuildError> {
     Ok(ObjectMeta {
         name: Some(name),
-        namespace: Some(
-            si.metadata
-                .namespace
-                .clone()
-                .ok_or(BuildError::Incomplete("namespace"))?,
-        ),
-        labels: Some(labels(si)),
+        namespace: Some(namespace(si)?.to_owned()),
+        labels: Some(labels(si)?),
         owner_references: Some(vec![owner(si)?]),
         ..ObjectMeta::default()
     })
@@ -130,15 +146,15 @@ fn metadata(si: &SegmentIntegration, name: String) -> Result<ObjectMeta, BuildEr
 
 /// The webhook URL to give Segment: the Ingress host over HTTPS when there is one, else the
 /// in-cluster Service.
-pub fn webhook_url(si: &SegmentIntegration) -> String {
-    match &si.spec.exposure.ingress {
+pub fn webhook_url(si: &SegmentIntegration) -> Result<String, BuildError> {
+    Ok(match &si.spec.exposure.ingress {
         Some(ingress) => format!("https://{}/v1/webhook", ingress.host),
         None => format!(
             "http://{}.{}.svc.cluster.local/v1/webhook",
-            ingest_name(si),
-            si.metadata.namespace.as_deref().unwrap_or("default")
+            ingest_name(si)?,
+            namespace(si)?
         ),
-    }
+    })
 }
 
 /// The credentials Secret with the given shared secret and API key. The controller creates it
@@ -149,12 +165,12 @@ pub fn credentials_secret(
     api_key: &str,
 ) -> Result<Secret, BuildError> {
     Ok(Secret {
-        metadata: metadata(si, credentials_name(si))?,
+        metadata: metadata(si, credentials_name(si)?)?,
         type_: Some("Opaque".to_owned()),
         string_data: Some(BTreeMap::from([
             (SHARED_SECRET_KEY.to_owned(), shared_secret.to_owned()),
             (API_KEY_KEY.to_owned(), api_key.to_owned()),
-            (WEBHOOK_URL_KEY.to_owned(), webhook_url(si)),
+            (WEBHOOK_URL_KEY.to_owned(), webhook_url(si)?),
         ])),
         ..Secret::default()
     })
@@ -192,14 +208,9 @@ pub fn schema_owner(si: &SegmentIntegration) -> Result<Owner, BuildError> {
         .uid
         .clone()
         .ok_or(BuildError::Incomplete("uid"))?;
-    let namespace = si
-        .metadata
-        .namespace
-        .as_deref()
-        .ok_or(BuildError::Incomplete("namespace"))?;
     Ok(Owner {
         uid,
-        name: format!("SegmentIntegration {namespace}/{}", name(si)),
+        name: format!("SegmentIntegration {}/{}", namespace(si)?, name(si)?),
     })
 }
 
@@ -209,14 +220,11 @@ pub fn ingest_env(si: &SegmentIntegration, inputs: &Inputs) -> Result<Vec<EnvVar
     let url = &si.spec.destination.url_secret_ref;
     let tables: Vec<&str> = si.tables().iter().map(|t| t.name()).collect();
     let owner = schema_owner(si)?;
+    let credentials = credentials_name(si)?;
     Ok(vec![
         env_from_secret("SLUICE_DATABASE_URL", &url.name, &url.key),
-        env_from_secret(
-            "SLUICE_SHARED_SECRET",
-            &credentials_name(si),
-            SHARED_SECRET_KEY,
-        ),
-        env_from_secret("SLUICE_API_KEY", &credentials_name(si), API_KEY_KEY),
+        env_from_secret("SLUICE_SHARED_SECRET", &credentials, SHARED_SECRET_KEY),
+        env_from_secret("SLUICE_API_KEY", &credentials, API_KEY_KEY),
         env("SLUICE_SCHEMA", inputs.schema.clone()),
         env("SLUICE_TABLES", tables.join(",")),
         env("SLUICE_LISTEN", format!("0.0.0.0:{INGEST_PORT}")),
@@ -267,10 +275,35 @@ fn resources(si: &SegmentIntegration) -> Option<ResourceRequirements> {
     })
 }
 
+/// Every child the operator applies for one resource; the optional ones are `None` when the spec
+/// does not ask for them (and any existing one is then deleted).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Desired {
+    /// The ingest Deployment.
+    pub deployment: Deployment,
+    /// The Service in front of it.
+    pub service: Service,
+    /// The Ingress, when `spec.exposure.ingress` is set.
+    pub ingress: Option<Ingress>,
+    /// The HorizontalPodAutoscaler, when `spec.ingest.autoscaling` is set.
+    pub autoscaler: Option<HorizontalPodAutoscaler>,
+}
+
+/// The build step: every child of `si` (the credentials Secret aside, which is created once with
+/// random values, never built anew). Nothing is applied unless all of them can be built.
+pub fn desired(si: &SegmentIntegration, inputs: &Inputs) -> Result<Desired, BuildError> {
+    Ok(Desired {
+        deployment: deployment(si, inputs)?,
+        service: service(si)?,
+        ingress: ingress(si)?,
+        autoscaler: autoscaler(si)?,
+    })
+}
+
 /// The ingest Deployment: `sluice-ingest` configured by environment, probed on `/readyz` and
 /// `/healthz`, non-root with a read-only root filesystem.
 pub fn deployment(si: &SegmentIntegration, inputs: &Inputs) -> Result<Deployment, BuildError> {
-    let labels = labels(si);
+    let labels = labels(si)?;
     let image = si
         .spec
         .ingest
@@ -304,7 +337,7 @@ pub fn deployment(si: &SegmentIntegration, inputs: &Inputs) -> Result<Deployment
         ..Container::default()
     };
     Ok(Deployment {
-        metadata: metadata(si, ingest_name(si))?,
+        metadata: metadata(si, ingest_name(si)?)?,
         spec: Some(DeploymentSpec {
             // With autoscaling the HPA owns the replica count; leaving it out of the applied
             // object keeps the operator from fighting it.
@@ -353,9 +386,9 @@ pub fn deployment(si: &SegmentIntegration, inputs: &Inputs) -> Result<Deployment
 /// The Service in front of the ingest pods: port 80 to the container's 8080.
 pub fn service(si: &SegmentIntegration) -> Result<Service, BuildError> {
     Ok(Service {
-        metadata: metadata(si, ingest_name(si))?,
+        metadata: metadata(si, ingest_name(si)?)?,
         spec: Some(ServiceSpec {
-            selector: Some(labels(si)),
+            selector: Some(labels(si)?),
             ports: Some(vec![ServicePort {
                 name: Some("http".to_owned()),
                 port: SERVICE_PORT,
@@ -375,7 +408,7 @@ pub fn ingress(si: &SegmentIntegration) -> Result<Option<Ingress>, BuildError> {
     let Some(spec) = &si.spec.exposure.ingress else {
         return Ok(None);
     };
-    let mut metadata = metadata(si, ingest_name(si))?;
+    let mut metadata = metadata(si, ingest_name(si)?)?;
     if !spec.annotations.is_empty() {
         metadata.annotations = Some(spec.annotations.clone());
     }
@@ -397,7 +430,7 @@ pub fn ingress(si: &SegmentIntegration) -> Result<Option<Ingress>, BuildError> {
                         path_type: "Exact".to_owned(),
                         backend: IngressBackend {
                             service: Some(IngressServiceBackend {
-                                name: ingest_name(si),
+                                name: ingest_name(si)?,
                                 port: Some(ServiceBackendPort {
                                     name: Some("http".to_owned()),
                                     ..ServiceBackendPort::default()
@@ -420,12 +453,12 @@ pub fn autoscaler(si: &SegmentIntegration) -> Result<Option<HorizontalPodAutosca
         return Ok(None);
     };
     Ok(Some(HorizontalPodAutoscaler {
-        metadata: metadata(si, ingest_name(si))?,
+        metadata: metadata(si, ingest_name(si)?)?,
         spec: Some(HorizontalPodAutoscalerSpec {
             scale_target_ref: CrossVersionObjectReference {
                 api_version: Some("apps/v1".to_owned()),
                 kind: "Deployment".to_owned(),
-                name: ingest_name(si),
+                name: ingest_name(si)?,
             },
             min_replicas: Some(spec.min_replicas),
             max_replicas: spec.max_replicas,
@@ -560,6 +593,21 @@ mod tests {
             service(&si).expect_err("no uid"),
             BuildError::Incomplete("uid")
         );
+        for (missing, field) in [("name", 0), ("namespace", 1)] {
+            let mut si = basic();
+            match field {
+                0 => si.metadata.name = None,
+                _ => si.metadata.namespace = Some(String::new()),
+            }
+            assert_eq!(
+                desired(&si, &inputs()).expect_err("incomplete"),
+                BuildError::Incomplete(missing)
+            );
+            assert_eq!(
+                webhook_url(&si).expect_err("incomplete"),
+                BuildError::Incomplete(missing)
+            );
+        }
     }
 
     #[test]
@@ -685,7 +733,7 @@ mod tests {
             port.target_port,
             Some(IntOrString::String("http".to_owned()))
         );
-        assert_eq!(spec.selector, Some(labels(&basic())));
+        assert_eq!(spec.selector, Some(labels(&basic()).expect("labels")));
     }
 
     #[test]
@@ -693,8 +741,8 @@ mod tests {
         let si = basic();
         assert_eq!(ingress(&si).expect("built"), None);
         assert_eq!(
-            webhook_url(&si),
-            "http://shop-ingest.team-a.svc.cluster.local/v1/webhook"
+            webhook_url(&si).as_deref(),
+            Ok("http://shop-ingest.team-a.svc.cluster.local/v1/webhook")
         );
     }
 
@@ -707,7 +755,10 @@ mod tests {
             tls_secret_name: Some("hooks-tls".to_owned()),
             annotations: BTreeMap::from([("a".to_owned(), "b".to_owned())]),
         });
-        assert_eq!(webhook_url(&si), "https://hooks.example.com/v1/webhook");
+        assert_eq!(
+            webhook_url(&si).as_deref(),
+            Ok("https://hooks.example.com/v1/webhook")
+        );
         let ingress = ingress(&si).expect("built").expect("an ingress");
         assert_eq!(
             ingress.metadata.annotations,

@@ -17,7 +17,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::api::networking::v1::Ingress;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
@@ -26,12 +26,13 @@ use kube::runtime::{Controller, controller as runtime, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tracing::Instrument;
 
 use crate::build::{self, BuildError, Inputs};
 use crate::crd::{DeletionPolicy, SegmentIntegration};
 use crate::destination;
 use crate::metrics::Metrics;
-use crate::status::{self, Observation, Observed};
+use crate::status::{self, Observation, Observed, Reason};
 use sluice_ingest::event::Table;
 use sluice_ingest::load::{Claim, Dropped};
 
@@ -83,7 +84,7 @@ pub enum Error {
     #[error("{reason}: {message}")]
     Destination {
         /// The condition's reason.
-        reason: String,
+        reason: Reason,
         /// The condition's message.
         message: String,
     },
@@ -96,13 +97,42 @@ pub enum Error {
         /// The schema.
         schema: String,
         /// Why.
-        reason: String,
+        reason: Reason,
         /// What to do.
         message: String,
     },
     /// Adding or removing the finalizer, or the step it wraps, failed.
     #[error(transparent)]
     Finalizer(Box<kube::runtime::finalizer::Error<Error>>),
+}
+
+impl Error {
+    /// The kind of failure, for the `reconcile_failures` metric's `category` label and the
+    /// Warning Event: `kubernetes` (an API request), `spec` (the object cannot be built),
+    /// `credentials`, `destination` (the warehouse), `cleanup` (the deletion policy) or
+    /// `finalizer`.
+    pub fn category(&self) -> &'static str {
+        use kube::runtime::finalizer::Error as F;
+        match self {
+            Error::Kube(_) => "kubernetes",
+            Error::Build(_) => "spec",
+            Error::Random(_) => "credentials",
+            Error::Destination { .. } => "destination",
+            Error::Cleanup { .. } => "cleanup",
+            Error::Finalizer(inner) => match inner.as_ref() {
+                F::ApplyFailed(error) | F::CleanupFailed(error) => error.category(),
+                F::AddFinalizer(_) | F::RemoveFinalizer(_) => "kubernetes",
+                F::UnnamedObject => "spec",
+                _ => "finalizer",
+            },
+        }
+    }
+
+    /// Whether the step that failed has reported it already: a destination failure is the
+    /// `SchemaReady` condition (and its Event), a failed `Drop` its own Event.
+    fn reported(&self) -> bool {
+        matches!(self.category(), "destination" | "cleanup")
+    }
 }
 
 /// What every reconcile shares.
@@ -136,19 +166,19 @@ impl Context {
         &self,
         si: &SegmentIntegration,
         type_: EventType,
-        reason: &str,
+        reason: Reason,
         action: &str,
         note: String,
     ) {
         let event = Event {
             type_,
-            reason: reason.to_owned(),
+            reason: reason.to_string(),
             note: Some(note),
             action: action.to_owned(),
             secondary: None,
         };
         if let Err(error) = self.recorder.publish(&event, &si.object_ref(&())).await {
-            tracing::warn!(integration = %si.name_any(), %error, reason, "cannot publish Event");
+            tracing::warn!(integration = %si.name_any(), %error, %reason, "cannot publish Event");
         }
     }
 
@@ -240,154 +270,270 @@ pub async fn run(
         .await;
 }
 
-/// Reconciles one `SegmentIntegration` behind the finalizer.
+/// Reconciles one `SegmentIntegration` behind the finalizer, in a `reconcile` span that names it.
 pub async fn reconcile(si: Arc<SegmentIntegration>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let namespace = si
-        .namespace()
-        .ok_or(Error::Build(BuildError::Incomplete("namespace")))?;
-    let api = Api::<SegmentIntegration>::namespaced(ctx.client.clone(), &namespace);
-    let object = ObjectRef::from_obj(&*si);
-    let started = std::time::Instant::now();
-    let result = finalizer(&api, FINALIZER, si, |event| async {
-        match event {
-            Finalizer::Apply(si) => apply(&si, &ctx).await,
-            Finalizer::Cleanup(si) => cleanup(&si, &ctx).await,
-        }
-    })
-    .await;
-    ctx.metrics.reconciled(started.elapsed());
-    let action = result.map_err(|error| Error::Finalizer(Box::new(error)))?;
-    ctx.record_success(&object);
-    Ok(action)
+    let namespace = build::namespace(&si)?.to_owned();
+    let span = tracing::info_span!("reconcile", integration = %si.name_any(), %namespace);
+    async move {
+        let api = Api::<SegmentIntegration>::namespaced(ctx.client.clone(), &namespace);
+        let object = ObjectRef::from_obj(&*si);
+        let started = std::time::Instant::now();
+        let result = finalizer(&api, FINALIZER, si, |event| async {
+            match event {
+                Finalizer::Apply(si) => apply(&si, &ctx).await,
+                Finalizer::Cleanup(si) => cleanup(&si, &ctx).await,
+            }
+        })
+        .await;
+        ctx.metrics.reconciled(started.elapsed());
+        let action = result.map_err(|error| Error::Finalizer(Box::new(error)))?;
+        ctx.record_success(&object);
+        Ok(action)
+    }
+    .instrument(span)
+    .await
 }
 
-/// Requeues a failed object with exponential backoff.
+/// Requeues a failed object with exponential backoff, counts the failure under its category and,
+/// unless a condition or an Event of the failing step already says it, publishes a Warning Event.
 pub fn error_policy(si: Arc<SegmentIntegration>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics.failed();
+    let category = error.category();
+    ctx.metrics.failed(category);
     let failures = ctx.record_failure(ObjectRef::from_obj(&*si));
     let delay = backoff(failures);
     tracing::warn!(
         integration = %si.name_any(),
-        namespace = si.namespace().unwrap_or_default(),
+        namespace = ?si.namespace(),
         %error,
+        category,
         failures,
         retry_in = ?delay,
         "reconcile failed"
     );
+    if !error.reported() {
+        let note = format!("{category}: {error}; retrying in {delay:?}");
+        tokio::spawn(async move {
+            ctx.publish(
+                &si,
+                EventType::Warning,
+                Reason::ReconcileFailed,
+                "Reconcile",
+                note,
+            )
+            .await;
+        });
+    }
     Action::requeue(delay)
 }
 
-async fn apply(si: &SegmentIntegration, ctx: &Context) -> Result<Action, Error> {
-    let client = &ctx.client;
-    let namespace = si
-        .namespace()
-        .ok_or(Error::Build(BuildError::Incomplete("namespace")))?;
-    // The destination URL is read first: its hash goes on the pod template (a rotated password
-    // rolls the ingest pods); when it cannot be read, the status below says why.
-    let url = destination::url(client, &namespace, &si.spec.destination.url_secret_ref).await;
-    let inputs = Inputs {
+/// The objects a resource points at, read before anything is built: today the destination's
+/// database URL. A failure to read it is not fatal here: the children that do not need it are
+/// still applied, and `SchemaReady` reports why.
+struct Dereferenced {
+    url: Result<String, Observation>,
+}
+
+/// Step 1, dereference: reads the destination Secret.
+async fn dereference(si: &SegmentIntegration, ctx: &Context, namespace: &str) -> Dereferenced {
+    let url = destination::url(&ctx.client, namespace, &si.spec.destination.url_secret_ref).await;
+    Dereferenced { url }
+}
+
+/// Step 2, validate: what the CRD's schema cannot check (the object's identity, which every
+/// child's name, labels and owner reference come from), and the build inputs.
+fn validate(si: &SegmentIntegration, ctx: &Context, refs: &Dereferenced) -> Result<Inputs, Error> {
+    build::schema_owner(si)?;
+    Ok(Inputs {
         schema: si.schema_name(),
         default_image: ctx.config.ingest_image.clone(),
-        secret_hash: url.as_deref().ok().map(|url| build::secret_hash([url])),
-    };
-    let tables = si.tables();
-    let owner = build::schema_owner(si)?;
+        // The hash of the destination URL goes on the pod template: a rotated password rolls
+        // the ingest pods.
+        secret_hash: refs
+            .url
+            .as_deref()
+            .ok()
+            .map(|url| build::secret_hash([url])),
+    })
+}
 
+/// The reconcile of a live resource, in the named steps of a Stackable operator: dereference,
+/// validate, build (pure), apply, update status. Children that do not need the warehouse are
+/// applied even while it is unreachable; then the reconcile fails with the destination's reason
+/// and is retried with backoff.
+async fn apply(si: &SegmentIntegration, ctx: &Context) -> Result<Action, Error> {
+    let namespace = build::namespace(si)?;
+    let refs = dereference(si, ctx, namespace).await;
+    let inputs = validate(si, ctx, &refs)?;
     // Build every object first: a resource that cannot be built changes nothing.
-    let deployment = build::deployment(si, &inputs)?;
-    let service = build::service(si)?;
-    let ingress = build::ingress(si)?;
-    let autoscaler = build::autoscaler(si)?;
+    let desired = build::desired(si, &inputs)?;
+    let deployment = apply_children(si, ctx, namespace, desired).await?;
+    let schema_ready = ensure_destination(si, refs, &inputs.schema).await;
+    let observed = Observed {
+        generation: si.metadata.generation,
+        schema: inputs.schema,
+        webhook_url: build::webhook_url(si)?,
+        credentials_secret: build::credentials_name(si)?,
+        ingest_available: status::ingest_availability(&build::ingest_name(si)?, &deployment),
+        schema_ready: schema_ready.0,
+        tables: schema_ready.1,
+    };
+    update_status(si, ctx, namespace, &observed).await?;
+    if observed.schema_ready.ok {
+        Ok(Action::requeue(REFRESH))
+    } else {
+        Err(Error::Destination {
+            reason: observed.schema_ready.reason,
+            message: observed.schema_ready.message,
+        })
+    }
+}
 
-    if ensure_credentials(si, client, &namespace).await? {
+/// Step 4, apply: creates the credentials Secret once, applies every desired child by
+/// server-side apply, then deletes every child this resource controls that is no longer desired
+/// (found by label, whatever its kind), with an Event for each. Answers the applied Deployment, whose status says how
+/// many pods are available.
+async fn apply_children(
+    si: &SegmentIntegration,
+    ctx: &Context,
+    namespace: &str,
+    desired: build::Desired,
+) -> Result<Deployment, Error> {
+    let client = &ctx.client;
+    if ensure_credentials(si, client, namespace).await? {
         ctx.publish(
             si,
             EventType::Normal,
-            "CredentialsCreated",
+            Reason::CredentialsCreated,
             "CreateCredentials",
             format!(
                 "created Secret {} with a new shared secret and API key for Segment",
-                build::credentials_name(si)
+                build::credentials_name(si)?
             ),
         )
         .await;
     }
-    let deployment = server_side_apply(client, &namespace, &deployment).await?;
-    server_side_apply(client, &namespace, &service).await?;
-    let name = build::ingest_name(si);
-    match ingress {
-        Some(ingress) => drop(server_side_apply(client, &namespace, &ingress).await?),
-        None => {
-            if delete_owned::<Ingress>(client, &namespace, &name, si).await? {
-                ctx.publish(
-                    si,
-                    EventType::Normal,
-                    "IngressDeleted",
-                    "DeleteIngress",
-                    format!("deleted Ingress {name}: spec.exposure.ingress was removed"),
-                )
-                .await;
-            }
-        }
+    let deployment = server_side_apply(client, namespace, &desired.deployment).await?;
+    server_side_apply(client, namespace, &desired.service).await?;
+    if let Some(ingress) = &desired.ingress {
+        server_side_apply(client, namespace, ingress).await?;
     }
-    match autoscaler {
-        Some(autoscaler) => drop(server_side_apply(client, &namespace, &autoscaler).await?),
-        None => {
-            delete_owned::<HorizontalPodAutoscaler>(client, &namespace, &name, si).await?;
-        }
+    if let Some(autoscaler) = &desired.autoscaler {
+        server_side_apply(client, namespace, autoscaler).await?;
     }
+    let keep = |name: Option<&String>| name.cloned().into_iter().collect::<Vec<_>>();
+    let orphans = [
+        delete_orphans::<Deployment>(
+            si,
+            client,
+            namespace,
+            &keep(desired.deployment.metadata.name.as_ref()),
+        )
+        .await?,
+        delete_orphans::<Service>(
+            si,
+            client,
+            namespace,
+            &keep(desired.service.metadata.name.as_ref()),
+        )
+        .await?,
+        delete_orphans::<Ingress>(
+            si,
+            client,
+            namespace,
+            &keep(
+                desired
+                    .ingress
+                    .as_ref()
+                    .and_then(|i| i.metadata.name.as_ref()),
+            ),
+        )
+        .await?,
+        delete_orphans::<HorizontalPodAutoscaler>(
+            si,
+            client,
+            namespace,
+            &keep(
+                desired
+                    .autoscaler
+                    .as_ref()
+                    .and_then(|a| a.metadata.name.as_ref()),
+            ),
+        )
+        .await?,
+    ];
+    for (kind, name) in orphans.into_iter().flatten() {
+        // One action per kind: Events of the same reason and action are one series, whose note
+        // would name only the first child.
+        ctx.publish(
+            si,
+            EventType::Normal,
+            Reason::ChildDeleted,
+            &format!("Delete{kind}"),
+            format!("deleted {kind}/{name}: the spec no longer asks for it"),
+        )
+        .await;
+    }
+    Ok(deployment)
+}
 
-    let destination =
-        async { destination::ensure_schema(&url?, &inputs.schema, &tables, &owner).await }.await;
-    let (schema_ready, report) = match destination {
+/// The destination part of step 4: the schema and tables exist (created where missing), as
+/// `SchemaReady` and the table report.
+async fn ensure_destination(
+    si: &SegmentIntegration,
+    refs: Dereferenced,
+    schema: &str,
+) -> (Observation, Option<Vec<crate::crd::TableReport>>) {
+    let tables = si.tables();
+    let ensured = async {
+        let owner = build::schema_owner(si)
+            .map_err(|error| Observation::failed(Reason::InvalidSchema, error.to_string()))?;
+        destination::ensure_schema(&refs.url?, schema, &tables, &owner).await
+    }
+    .await;
+    match ensured {
         Ok((claim, report)) => (
             Observation::ok(
-                "SchemaReady",
-                schema_ready_message(&inputs.schema, &tables, &claim),
+                Reason::SchemaReady,
+                schema_ready_message(schema, &tables, &claim),
             ),
             Some(report),
         ),
         Err(failure) => (failure, None),
-    };
-    let observed = Observed {
-        generation: si.metadata.generation,
-        schema: inputs.schema.clone(),
-        webhook_url: build::webhook_url(si),
-        credentials_secret: build::credentials_name(si),
-        schema_ready: schema_ready.clone(),
-        ingest_available: status::ingest_availability(&deployment),
-        tables: report,
-    };
-    write_status(si, client, &namespace, &observed).await?;
-    for (type_, observation) in [
-        (status::SCHEMA_READY, &observed.schema_ready),
-        (status::INGEST_AVAILABLE, &observed.ingest_available),
-    ] {
-        if changed(si, type_, observation) {
-            let (event_type, action) = match (observation.ok, type_) {
-                (true, _) => (EventType::Normal, type_),
-                (false, status::SCHEMA_READY) => (EventType::Warning, "EnsureSchema"),
-                (false, _) => (EventType::Warning, "WatchIngest"),
-            };
-            ctx.publish(
-                si,
-                event_type,
-                &observation.reason,
-                action,
-                observation.message.clone(),
-            )
-            .await;
+    }
+}
+
+/// Step 5, update status: writes the status computed from what was observed (only when it
+/// changed) and publishes the Events its change warrants ([`status::events`]).
+async fn update_status(
+    si: &SegmentIntegration,
+    ctx: &Context,
+    namespace: &str,
+    observed: &Observed,
+) -> Result<(), Error> {
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let previous = si.status.as_ref();
+    let status = status::status(observed, previous, &now);
+    if previous == Some(&status) {
+        return Ok(());
+    }
+    let patch = serde_json::json!({
+        "apiVersion": SegmentIntegration::api_version(&()),
+        "kind": SegmentIntegration::kind(&()),
+        "status": status,
+    });
+    Api::<SegmentIntegration>::namespaced(ctx.client.clone(), namespace)
+        .patch_status(
+            &si.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(patch),
+        )
+        .await?;
+    for event in status::events(previous, &status) {
+        if let Err(error) = ctx.recorder.publish(&event, &si.object_ref(&())).await {
+            tracing::warn!(%error, reason = event.reason, "cannot publish Event");
         }
     }
-
-    if schema_ready.ok {
-        Ok(Action::requeue(REFRESH))
-    } else {
-        Err(Error::Destination {
-            reason: schema_ready.reason,
-            message: schema_ready.message,
-        })
-    }
+    Ok(())
 }
 
 /// The `SchemaReady` message: the schema, its tables, and what `Drop` would remove.
@@ -426,20 +572,20 @@ fn dropped_note(schema: &str, dropped: &Dropped) -> String {
     }
 }
 
+/// The reconcile of a deleted resource: carries out its deletion policy; until that succeeds the
+/// finalizer stays.
 async fn cleanup(si: &SegmentIntegration, ctx: &Context) -> Result<Action, Error> {
-    let namespace = si
-        .namespace()
-        .ok_or(Error::Build(BuildError::Incomplete("namespace")))?;
+    let namespace = build::namespace(si)?;
     let schema = si.schema_name();
     let owner = build::schema_owner(si)?;
     match si.spec.deletion_policy {
         DeletionPolicy::Retain => {
-            tracing::info!(integration = %si.name_any(), %namespace, %schema, "deleted; schema retained");
+            tracing::info!(%schema, "deleted; schema retained");
         }
         DeletionPolicy::Drop => {
             let dropped = async {
                 let url =
-                    destination::url(&ctx.client, &namespace, &si.spec.destination.url_secret_ref)
+                    destination::url(&ctx.client, namespace, &si.spec.destination.url_secret_ref)
                         .await?;
                 destination::drop_owned(&url, &schema, &owner).await
             }
@@ -450,7 +596,7 @@ async fn cleanup(si: &SegmentIntegration, ctx: &Context) -> Result<Action, Error
                     ctx.publish(
                         si,
                         EventType::Warning,
-                        "DropSchemaFailed",
+                        Reason::DropSchemaFailed,
                         "DropSchema",
                         format!(
                             "cannot drop schema {schema}: {}; set spec.deletionPolicy to Retain to \
@@ -467,29 +613,17 @@ async fn cleanup(si: &SegmentIntegration, ctx: &Context) -> Result<Action, Error
                 }
             };
             let note = dropped_note(&schema, &dropped);
-            tracing::info!(integration = %si.name_any(), %namespace, %schema, %note, "deleted");
+            tracing::info!(%schema, %note, "deleted");
             let reason = if dropped.schema {
-                "SchemaDropped"
+                Reason::SchemaDropped
             } else {
-                "TablesDropped"
+                Reason::TablesDropped
             };
             ctx.publish(si, EventType::Normal, reason, "DropSchema", note)
                 .await;
         }
     }
     Ok(Action::await_change())
-}
-
-/// Whether the condition `type_` differs in status or reason from the one in `si`'s status.
-fn changed(si: &SegmentIntegration, type_: &str, observation: &Observation) -> bool {
-    let previous = si
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == type_));
-    previous.is_none_or(|c| {
-        (c.status == crate::crd::ConditionStatus::True) != observation.ok
-            || c.reason != observation.reason
-    })
 }
 
 /// Creates the credentials Secret when it does not exist, and says whether it did. It is never
@@ -501,7 +635,7 @@ async fn ensure_credentials(
 ) -> Result<bool, Error> {
     let secrets = Api::<Secret>::namespaced(client.clone(), namespace);
     if secrets
-        .get_opt(&build::credentials_name(si))
+        .get_opt(&build::credentials_name(si)?)
         .await?
         .is_some()
     {
@@ -510,7 +644,7 @@ async fn ensure_credentials(
     let secret = build::credentials_secret(si, &random_token()?, &random_token()?)?;
     match secrets.create(&PostParams::default(), &secret).await {
         Ok(_) => {
-            tracing::info!(integration = %si.name_any(), %namespace, "credentials created");
+            tracing::info!("credentials created");
             Ok(true)
         }
         // Another reconcile (or operator replica) created it first: theirs stands.
@@ -536,7 +670,11 @@ where
     K::DynamicType: Default,
 {
     let api = Api::<K>::namespaced(client.clone(), namespace);
-    let name = object.meta().name.clone().unwrap_or_default();
+    let name = object
+        .meta()
+        .name
+        .clone()
+        .ok_or(Error::Build(BuildError::Incomplete("name")))?;
     // k8s-openapi's objects serialize with their apiVersion and kind, as an apply patch needs.
     Ok(api
         .patch(
@@ -547,60 +685,40 @@ where
         .await?)
 }
 
-/// Deletes the object `name` of kind `K` if it exists and this integration controls it, and says
-/// whether it did.
-async fn delete_owned<K>(
+/// Deletes every object of kind `K` in `namespace` that carries `si`'s label and is controlled by
+/// it (its UID), except those named in `keep`, and answers the kind and name of each one deleted. The
+/// label finds the children; the owner reference makes sure they are ours, whatever the label
+/// says.
+async fn delete_orphans<K>(
+    si: &SegmentIntegration,
     client: &Client,
     namespace: &str,
-    name: &str,
-    si: &SegmentIntegration,
-) -> Result<bool, Error>
+    keep: &[String],
+) -> Result<Vec<(String, String)>, Error>
 where
     K: Resource<Scope = NamespaceResourceScope> + Clone + DeserializeOwned + std::fmt::Debug,
     K::DynamicType: Default,
 {
     let api = Api::<K>::namespaced(client.clone(), namespace);
-    let Some(existing) = api.get_opt(name).await? else {
-        return Ok(false);
-    };
-    let controlled = existing
-        .owner_references()
-        .iter()
-        .any(|owner| owner.controller == Some(true) && Some(&owner.uid) == si.uid().as_ref());
-    if !controlled {
-        return Ok(false);
+    let selector = build::children_selector(si)?;
+    let uid = si.uid();
+    let mut deleted = Vec::new();
+    for child in api.list(&ListParams::default().labels(&selector)).await? {
+        let name = child.name_any();
+        let controlled = child
+            .owner_references()
+            .iter()
+            .any(|owner| owner.controller == Some(true) && Some(&owner.uid) == uid.as_ref());
+        if !controlled || keep.contains(&name) {
+            continue;
+        }
+        match api.delete(&name, &DeleteParams::default()).await {
+            Ok(_) => deleted.push((K::kind(&K::DynamicType::default()).into_owned(), name)),
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(error) => return Err(error.into()),
+        }
     }
-    match api.delete(name, &DeleteParams::default()).await {
-        Ok(_) => Ok(true),
-        Err(kube::Error::Api(status)) if status.code == 404 => Ok(false),
-        Err(error) => Err(error.into()),
-    }
-}
-
-async fn write_status(
-    si: &SegmentIntegration,
-    client: &Client,
-    namespace: &str,
-    observed: &Observed,
-) -> Result<(), Error> {
-    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    let status = status::status(observed, si.status.as_ref(), &now);
-    if si.status.as_ref() == Some(&status) {
-        return Ok(());
-    }
-    let patch = serde_json::json!({
-        "apiVersion": SegmentIntegration::api_version(&()),
-        "kind": SegmentIntegration::kind(&()),
-        "status": status,
-    });
-    Api::<SegmentIntegration>::namespaced(client.clone(), namespace)
-        .patch_status(
-            &si.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(patch),
-        )
-        .await?;
-    Ok(())
+    Ok(deleted)
 }
 
 #[cfg(test)]
@@ -615,6 +733,36 @@ mod tests {
         assert_eq!(backoff(9), Duration::from_secs(256));
         assert_eq!(backoff(10), BACKOFF_MAX);
         assert_eq!(backoff(u32::MAX), BACKOFF_MAX);
+    }
+
+    #[test]
+    fn errors_are_categorised_through_the_finalizer() {
+        use kube::runtime::finalizer::Error as F;
+        let destination = || Error::Destination {
+            reason: Reason::DatabaseUnavailable,
+            message: "down".to_owned(),
+        };
+        let spec = || Error::Build(BuildError::Incomplete("uid"));
+        let cases = [
+            (destination(), "destination", true),
+            (spec(), "spec", false),
+            (Error::Random("no entropy".to_owned()), "credentials", false),
+            (
+                Error::Finalizer(Box::new(F::ApplyFailed(destination()))),
+                "destination",
+                true,
+            ),
+            (
+                Error::Finalizer(Box::new(F::CleanupFailed(spec()))),
+                "spec",
+                false,
+            ),
+            (Error::Finalizer(Box::new(F::UnnamedObject)), "spec", false),
+        ];
+        for (error, category, reported) in cases {
+            assert_eq!(error.category(), category, "{error}");
+            assert_eq!(error.reported(), reported, "{error}");
+        }
     }
 
     #[test]

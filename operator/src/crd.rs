@@ -73,7 +73,7 @@ pub struct SegmentIntegrationSpec {
     /// Tables to load; events of other types are acknowledged and skipped.
     #[serde(default = "default_tables")]
     #[schemars(length(min = 1, max = 6), extend("x-kubernetes-list-type" = "set"))]
-    pub tables: Vec<TableName>,
+    pub tables: Vec<Table>,
 
     /// How the ingest service runs.
     #[serde(default)]
@@ -117,54 +117,8 @@ fn default_url_key() -> String {
     "url".to_owned()
 }
 
-/// A table the ingest service can load: the Segment call type of the same name.
-#[derive(
-    Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum TableName {
-    /// `alias` calls.
-    Alias,
-    /// `group` calls.
-    Group,
-    /// `identify` calls.
-    Identify,
-    /// `page` calls.
-    Page,
-    /// `screen` calls.
-    Screen,
-    /// `track` calls.
-    Track,
-}
-
-impl From<TableName> for Table {
-    fn from(name: TableName) -> Table {
-        match name {
-            TableName::Alias => Table::Alias,
-            TableName::Group => Table::Group,
-            TableName::Identify => Table::Identify,
-            TableName::Page => Table::Page,
-            TableName::Screen => Table::Screen,
-            TableName::Track => Table::Track,
-        }
-    }
-}
-
-impl From<Table> for TableName {
-    fn from(table: Table) -> TableName {
-        match table {
-            Table::Alias => TableName::Alias,
-            Table::Group => TableName::Group,
-            Table::Identify => TableName::Identify,
-            Table::Page => TableName::Page,
-            Table::Screen => TableName::Screen,
-            Table::Track => TableName::Track,
-        }
-    }
-}
-
-fn default_tables() -> Vec<TableName> {
-    Table::DEFAULT.into_iter().map(TableName::from).collect()
+fn default_tables() -> Vec<Table> {
+    Table::DEFAULT.to_vec()
 }
 
 /// The ingest Deployment.
@@ -410,7 +364,7 @@ impl SegmentIntegration {
 
     /// The selected tables as the loader names them, sorted and without duplicates.
     pub fn tables(&self) -> Vec<Table> {
-        let mut tables: Vec<Table> = self.spec.tables.iter().map(|t| Table::from(*t)).collect();
+        let mut tables = self.spec.tables.clone();
         tables.sort();
         tables.dedup();
         tables

@@ -13,7 +13,7 @@ use sluice_ingest::event::Table;
 use sluice_ingest::load::{Claim, Dropped, LoadError, Owner, Warehouse};
 
 use crate::crd::{SecretKeyRef, TableReport};
-use crate::status::Observation;
+use crate::status::{Observation, Reason};
 
 /// The longest a reconcile waits on the database, so one unreachable warehouse cannot hold a
 /// reconcile worker for long.
@@ -30,7 +30,7 @@ pub async fn url(
         Ok(Some(secret)) => secret,
         Ok(None) => {
             return Err(Observation::failed(
-                "SecretNotFound",
+                Reason::SecretNotFound,
                 format!(
                     "Secret {namespace}/{} named by spec.destination.urlSecretRef does not exist; \
                      create it with the database URL under key {:?}",
@@ -40,7 +40,7 @@ pub async fn url(
         }
         Err(kube::Error::Api(status)) if status.code == 403 => {
             return Err(Observation::failed(
-                "SecretForbidden",
+                Reason::SecretForbidden,
                 format!(
                     "the operator may not read Secret {namespace}/{}: grant it get on secrets in \
                      this namespace",
@@ -50,7 +50,7 @@ pub async fn url(
         }
         Err(error) => {
             return Err(Observation::failed(
-                "SecretUnreadable",
+                Reason::SecretUnreadable,
                 format!(
                     "reading Secret {namespace}/{} failed: {error}",
                     reference.name
@@ -64,7 +64,7 @@ pub async fn url(
         .and_then(|data| data.get(&reference.key))
         .ok_or_else(|| {
             Observation::failed(
-                "SecretKeyNotFound",
+                Reason::SecretKeyNotFound,
                 format!(
                     "Secret {namespace}/{} has no key {:?}; put the database URL \
                      (postgres://user:password@host:port/database) under that key, or set \
@@ -75,7 +75,7 @@ pub async fn url(
         })?;
     let url = String::from_utf8(value.0.clone()).map_err(|_| {
         Observation::failed(
-            "InvalidDatabaseUrl",
+            Reason::InvalidDatabaseUrl,
             format!(
                 "key {:?} of Secret {namespace}/{} is not UTF-8 text",
                 reference.key, reference.name
@@ -88,7 +88,7 @@ pub async fn url(
 fn warehouse(url: &str, schema: &str) -> Result<Warehouse, Observation> {
     if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
         return Err(Observation::failed(
-            "InvalidDatabaseUrl",
+            Reason::InvalidDatabaseUrl,
             "the database URL must start with postgres:// or postgresql:// (an ingest Deployment \
              cannot share a SQLite file); fix the value in the Secret named by \
              spec.destination.urlSecretRef",
@@ -102,25 +102,31 @@ fn warehouse(url: &str, schema: &str) -> Result<Warehouse, Observation> {
 fn load_failure(error: &LoadError) -> Observation {
     match error {
         LoadError::BadUrl(_) => Observation::failed(
-            "InvalidDatabaseUrl",
+            Reason::InvalidDatabaseUrl,
             "the database URL in the Secret named by spec.destination.urlSecretRef is not a \
              valid postgres:// URL",
         ),
-        LoadError::Schema(invalid) => Observation::failed("InvalidSchema", invalid.to_string()),
-        LoadError::PermissionDenied { .. } => {
-            Observation::failed("PermissionDenied", error.to_string())
+        LoadError::Schema(invalid) => {
+            Observation::failed(Reason::InvalidSchema, invalid.to_string())
         }
-        LoadError::SchemaClaimed { .. } => Observation::failed("SchemaClaimed", error.to_string()),
+        LoadError::PermissionDenied { .. } => {
+            Observation::failed(Reason::PermissionDenied, error.to_string())
+        }
+        LoadError::SchemaClaimed { .. } => {
+            Observation::failed(Reason::SchemaClaimed, error.to_string())
+        }
         LoadError::Unavailable(message) => Observation::failed(
-            "DatabaseUnavailable",
+            Reason::DatabaseUnavailable,
             format!(
                 "the database cannot be reached ({message}); check the host and port in the URL \
                  and that the database accepts connections from the cluster"
             ),
         ),
-        LoadError::DropBlocked { .. } => Observation::failed("DropBlocked", error.to_string()),
+        LoadError::DropBlocked { .. } => {
+            Observation::failed(Reason::DropBlocked, error.to_string())
+        }
         other => Observation::failed(
-            "DatabaseError",
+            Reason::DatabaseError,
             format!("the database refused to create the schema: {other}; check the role's rights"),
         ),
     }
@@ -128,7 +134,7 @@ fn load_failure(error: &LoadError) -> Observation {
 
 fn timed_out() -> Observation {
     Observation::failed(
-        "DatabaseUnavailable",
+        Reason::DatabaseUnavailable,
         format!(
             "the database did not answer within {DATABASE_TIMEOUT:?}; check the host and port in \
              the URL and that the database accepts connections from the cluster"
@@ -181,9 +187,9 @@ mod tests {
     #[test]
     fn only_postgres_urls_are_accepted() {
         let refused = warehouse("sqlite://x.db", "segment").expect_err("sqlite refused");
-        assert_eq!(refused.reason, "InvalidDatabaseUrl");
+        assert_eq!(refused.reason, Reason::InvalidDatabaseUrl);
         let refused = warehouse("mysql://h/db", "segment").expect_err("mysql refused");
-        assert_eq!(refused.reason, "InvalidDatabaseUrl");
+        assert_eq!(refused.reason, Reason::InvalidDatabaseUrl);
     }
 
     #[tokio::test]
@@ -201,7 +207,7 @@ mod tests {
         )
         .await
         .expect_err("nothing listens on port 1");
-        assert_eq!(refused.reason, "DatabaseUnavailable");
+        assert_eq!(refused.reason, Reason::DatabaseUnavailable);
         assert!(!refused.message.contains("u:p"), "{}", refused.message);
     }
 }

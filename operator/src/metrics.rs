@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
+use axum::response::Response;
 use axum::routing::get;
-use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -19,8 +19,15 @@ use prometheus_client::registry::Registry;
 pub struct Metrics {
     registry: Registry,
     reconciles: Counter,
-    failures: Counter,
+    failures: Family<FailureLabels, Counter>,
     duration: Histogram,
+}
+
+/// The label of a failed reconcile: its error's category (`controller::Error::category`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct FailureLabels {
+    /// `kubernetes`, `spec`, `credentials`, `destination`, `cleanup` or `finalizer`.
+    pub category: &'static str,
 }
 
 impl Default for Metrics {
@@ -32,10 +39,10 @@ impl Default for Metrics {
             "Reconciles of SegmentIntegrations, successful or not",
             reconciles.clone(),
         );
-        let failures = Counter::default();
+        let failures = Family::<FailureLabels, Counter>::default();
         registry.register(
             "reconcile_failures",
-            "Reconciles that failed and were retried with backoff",
+            "Reconciles that failed and were retried with backoff, by error category",
             failures.clone(),
         );
         // 5 ms to about 40 s: a reconcile waits on the database for at most 15 s.
@@ -61,17 +68,16 @@ impl Metrics {
         self.duration.observe(took.as_secs_f64());
     }
 
-    /// Counts a failed reconcile.
-    pub fn failed(&self) {
-        self.failures.inc();
+    /// Counts a failed reconcile of the error category `category`.
+    pub fn failed(&self, category: &'static str) {
+        self.failures
+            .get_or_create(&FailureLabels { category })
+            .inc();
     }
 
-    /// The metrics in Prometheus' text format.
+    /// The metrics in the OpenMetrics text format.
     pub fn render(&self) -> String {
-        let mut text = String::new();
-        // Writing into a String cannot fail.
-        let _ = encode(&mut text, &self.registry);
-        text
+        sluice_ingest::metrics::encode(&self.registry)
     }
 }
 
@@ -91,15 +97,8 @@ pub async fn serve(
     axum::serve(listener, router(metrics)).await
 }
 
-async fn render(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
-    (
-        StatusCode::OK,
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        metrics.render(),
-    )
+async fn render(State(metrics): State<Arc<Metrics>>) -> Response {
+    sluice_ingest::metrics::exposition(metrics.render())
 }
 
 #[cfg(test)]
@@ -111,14 +110,14 @@ mod tests {
         let metrics = Metrics::default();
         metrics.reconciled(Duration::from_millis(20));
         metrics.reconciled(Duration::from_millis(30));
-        metrics.failed();
+        metrics.failed("destination");
         let text = metrics.render();
         assert!(
             text.contains("sluice_operator_reconciles_total 2"),
             "{text}"
         );
         assert!(
-            text.contains("sluice_operator_reconcile_failures_total 1"),
+            text.contains("sluice_operator_reconcile_failures_total{category=\"destination\"} 1"),
             "{text}"
         );
         assert!(

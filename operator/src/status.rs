@@ -1,7 +1,11 @@
 //! The status a reconcile reports: conditions from what it observed, with transition times that
-//! move only when a condition's status changes. Pure; `controller` writes the result.
+//! move only when a condition's status changes, and the Events that a change of status warrants.
+//! Pure; `controller` writes the result and publishes the Events.
+
+use std::fmt;
 
 use k8s_openapi::api::apps::v1::Deployment;
+use kube::runtime::events::{Event, EventType};
 
 use crate::crd::{Condition, ConditionStatus, SegmentIntegrationStatus, TableReport};
 
@@ -12,40 +16,102 @@ pub const SCHEMA_READY: &str = "SchemaReady";
 /// At least one ingest pod is available.
 pub const INGEST_AVAILABLE: &str = "IngestAvailable";
 
+/// Every reason the operator writes, in conditions and Events: a CamelCase word for programs
+/// (Kubernetes API conventions), written as the variant's name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// `Ready`: the schema is ready and the ingest service available.
+    Ready,
+    /// `Ready` is false because `SchemaReady` is.
+    SchemaNotReady,
+    /// `Ready` is false because `IngestAvailable` is.
+    IngestUnavailable,
+    /// The schema and its tables exist.
+    SchemaReady,
+    /// At least one ingest pod is available.
+    MinimumReplicasAvailable,
+    /// The ingest Deployment asks for no pod.
+    ScaledToZero,
+    /// No ingest pod is available yet.
+    NoReplicasAvailable,
+    /// The destination Secret does not exist.
+    SecretNotFound,
+    /// The operator may not read the destination Secret.
+    SecretForbidden,
+    /// Reading the destination Secret failed otherwise.
+    SecretUnreadable,
+    /// The destination Secret lacks the key.
+    SecretKeyNotFound,
+    /// The database URL is not one Sluice can use.
+    InvalidDatabaseUrl,
+    /// The schema name is not one Sluice will use.
+    InvalidSchema,
+    /// The database role lacks a privilege.
+    PermissionDenied,
+    /// Another integration owns the schema.
+    SchemaClaimed,
+    /// The database cannot be reached.
+    DatabaseUnavailable,
+    /// `Drop` is blocked by objects that depend on the tables.
+    DropBlocked,
+    /// The database refused otherwise.
+    DatabaseError,
+    /// The credentials Secret was created.
+    CredentialsCreated,
+    /// An optional child (Ingress, HorizontalPodAutoscaler) was deleted: the spec no longer asks
+    /// for it.
+    ChildDeleted,
+    /// `Drop` removed the schema.
+    SchemaDropped,
+    /// `Drop` removed the tables Sluice created and kept the schema.
+    TablesDropped,
+    /// `Drop` could not be carried out.
+    DropSchemaFailed,
+    /// A reconcile failed for a reason no condition reports (see `controller::Error::category`).
+    ReconcileFailed,
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The variant's name is the reason (`Reason::SchemaReady` is "SchemaReady").
+        fmt::Debug::fmt(self, f)
+    }
+}
+
 /// An observed state of one condition: whether it holds, a CamelCase reason, and a sentence.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Observation {
     /// Whether the condition holds.
     pub ok: bool,
-    /// A CamelCase word for programs.
-    pub reason: String,
+    /// Why, for programs.
+    pub reason: Reason,
     /// What is the case, and what to do when it is not good.
     pub message: String,
 }
 
 impl Observation {
     /// A condition that holds.
-    pub fn ok(reason: &str, message: impl Into<String>) -> Self {
+    pub fn ok(reason: Reason, message: impl Into<String>) -> Self {
         Observation {
             ok: true,
-            reason: reason.to_owned(),
+            reason,
             message: message.into(),
         }
     }
 
     /// A condition that does not hold.
-    pub fn failed(reason: &str, message: impl Into<String>) -> Self {
+    pub fn failed(reason: Reason, message: impl Into<String>) -> Self {
         Observation {
             ok: false,
-            reason: reason.to_owned(),
+            reason,
             message: message.into(),
         }
     }
 }
 
-/// `IngestAvailable` from the ingest Deployment's status, as the controller manager reports it.
-pub fn ingest_availability(deployment: &Deployment) -> Observation {
-    let name = deployment.metadata.name.as_deref().unwrap_or("ingest");
+/// `IngestAvailable` from the status of the ingest Deployment `name`, as the controller manager
+/// reports it.
+pub fn ingest_availability(name: &str, deployment: &Deployment) -> Observation {
     let desired = deployment
         .spec
         .as_ref()
@@ -58,19 +124,19 @@ pub fn ingest_availability(deployment: &Deployment) -> Observation {
         .unwrap_or(0);
     if available > 0 {
         Observation::ok(
-            "MinimumReplicasAvailable",
+            Reason::MinimumReplicasAvailable,
             format!("{available} of {desired} ingest pods of Deployment {name} are available"),
         )
     } else if desired == 0 {
         Observation::failed(
-            "ScaledToZero",
+            Reason::ScaledToZero,
             format!(
                 "spec.ingest.replicas is 0, so Deployment {name} runs no pod and no event can arrive"
             ),
         )
     } else {
         Observation::failed(
-            "NoReplicasAvailable",
+            Reason::NoReplicasAvailable,
             format!(
                 "no ingest pod of Deployment {name} is available yet (0 of {desired}); if this \
                  lasts, see `kubectl describe deployment {name}` and the pods' logs"
@@ -83,11 +149,11 @@ pub fn ingest_availability(deployment: &Deployment) -> Observation {
 pub fn readiness(schema: &Observation, ingest: &Observation) -> Observation {
     match (schema.ok, ingest.ok) {
         (true, true) => Observation::ok(
-            "Ready",
+            Reason::Ready,
             "the schema is ready and the ingest service is available",
         ),
-        (false, _) => Observation::failed("SchemaNotReady", schema.message.clone()),
-        (true, false) => Observation::failed("IngestUnavailable", ingest.message.clone()),
+        (false, _) => Observation::failed(Reason::SchemaNotReady, schema.message.clone()),
+        (true, false) => Observation::failed(Reason::IngestUnavailable, ingest.message.clone()),
     }
 }
 
@@ -112,7 +178,7 @@ pub fn condition(
     Condition {
         type_: type_.to_owned(),
         status,
-        reason: observation.reason.clone(),
+        reason: observation.reason.to_string(),
         message: observation.message.clone(),
         last_transition_time,
         observed_generation: generation,
@@ -168,6 +234,45 @@ pub fn status(
     }
 }
 
+/// The Events a change of status warrants: one per condition among `SchemaReady` and
+/// `IngestAvailable` whose status or reason differs from `previous` (a new condition counts as a
+/// change), Normal when it holds and Warning when it does not. `Ready` only sums these two up,
+/// so it has no Event of its own.
+pub fn events(
+    previous: Option<&SegmentIntegrationStatus>,
+    current: &SegmentIntegrationStatus,
+) -> Vec<Event> {
+    let find = |status: &SegmentIntegrationStatus, type_: &str| {
+        status.conditions.iter().find(|c| c.type_ == type_).cloned()
+    };
+    [
+        (SCHEMA_READY, "EnsureSchema"),
+        (INGEST_AVAILABLE, "WatchIngest"),
+    ]
+    .into_iter()
+    .filter_map(|(type_, failing_action)| {
+        let now = find(current, type_)?;
+        let before = previous.and_then(|p| find(p, type_));
+        let same = before.is_some_and(|b| b.status == now.status && b.reason == now.reason);
+        if same {
+            return None;
+        }
+        let holds = now.status == ConditionStatus::True;
+        Some(Event {
+            type_: if holds {
+                EventType::Normal
+            } else {
+                EventType::Warning
+            },
+            reason: now.reason,
+            note: Some(now.message),
+            action: if holds { type_ } else { failing_action }.to_owned(),
+            secondary: None,
+        })
+    })
+    .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use k8s_openapi::api::apps::v1::{DeploymentSpec, DeploymentStatus};
@@ -181,14 +286,14 @@ mod tests {
             webhook_url: "http://x/v1/webhook".to_owned(),
             credentials_secret: "shop-credentials".to_owned(),
             schema_ready: if schema_ok {
-                Observation::ok("SchemaReady", "ok")
+                Observation::ok(Reason::SchemaReady, "ok")
             } else {
-                Observation::failed("SecretNotFound", "create the secret")
+                Observation::failed(Reason::SecretNotFound, "create the secret")
             },
             ingest_available: if ingest_ok {
-                Observation::ok("MinimumReplicasAvailable", "ok")
+                Observation::ok(Reason::MinimumReplicasAvailable, "ok")
             } else {
-                Observation::failed("NoReplicasAvailable", "wait")
+                Observation::failed(Reason::NoReplicasAvailable, "wait")
             },
             tables: None,
         }
@@ -256,16 +361,70 @@ mod tests {
             ..Deployment::default()
         };
         assert_eq!(
-            ingest_availability(&deployment).reason,
-            "NoReplicasAvailable"
+            ingest_availability("shop-ingest", &deployment).reason,
+            Reason::NoReplicasAvailable
         );
         deployment.status = Some(DeploymentStatus {
             available_replicas: Some(1),
             ..DeploymentStatus::default()
         });
-        assert!(ingest_availability(&deployment).ok);
+        let available = ingest_availability("shop-ingest", &deployment);
+        assert!(available.ok);
+        assert!(available.message.contains("Deployment shop-ingest"));
         deployment.status = None;
         deployment.spec.as_mut().expect("spec").replicas = Some(0);
-        assert_eq!(ingest_availability(&deployment).reason, "ScaledToZero");
+        assert_eq!(
+            ingest_availability("shop-ingest", &deployment).reason,
+            Reason::ScaledToZero
+        );
+    }
+
+    #[test]
+    fn events_follow_condition_changes_only() {
+        let reasons = |events: Vec<Event>| {
+            events
+                .into_iter()
+                .map(|e| (e.type_, e.reason, e.action))
+                .collect::<Vec<_>>()
+        };
+        let first = status(&observed(false, true), None, "t1");
+        assert_eq!(
+            reasons(events(None, &first)),
+            [
+                (
+                    EventType::Warning,
+                    "SecretNotFound".to_owned(),
+                    "EnsureSchema".to_owned()
+                ),
+                (
+                    EventType::Normal,
+                    "MinimumReplicasAvailable".to_owned(),
+                    INGEST_AVAILABLE.to_owned()
+                ),
+            ]
+        );
+        let same = status(&observed(false, true), Some(&first), "t2");
+        assert_eq!(reasons(events(Some(&first), &same)), []);
+        let fixed = status(&observed(true, true), Some(&same), "t3");
+        assert_eq!(
+            reasons(events(Some(&same), &fixed)),
+            [(
+                EventType::Normal,
+                "SchemaReady".to_owned(),
+                SCHEMA_READY.to_owned()
+            )]
+        );
+        let mut other_reason = observed(true, true);
+        other_reason.schema_ready = Observation::failed(Reason::DatabaseUnavailable, "down");
+        let down = status(&other_reason, Some(&fixed), "t4");
+        let down_events = events(Some(&fixed), &down);
+        assert_eq!(down_events.len(), 1);
+        assert_eq!(down_events[0].note.as_deref(), Some("down"));
+    }
+
+    #[test]
+    fn reasons_read_as_their_names() {
+        assert_eq!(Reason::SchemaReady.to_string(), "SchemaReady");
+        assert_eq!(Reason::InvalidDatabaseUrl.to_string(), "InvalidDatabaseUrl");
     }
 }

@@ -535,6 +535,31 @@ async fn children_follow_the_spec_and_come_back_when_deleted() {
     )
     .await;
 
+    // A child the integration controls but no longer desires (left by an older version, say)
+    // is found by its label and deleted; one that merely carries the label is not ours.
+    let services = h.api::<Service>();
+    let mut stray = services.get("web-ingest").await.expect("Service");
+    let mut foreign = stray.clone();
+    for (service, name) in [(&mut stray, "web-stray"), (&mut foreign, "web-foreign")] {
+        service.metadata = kube::api::ObjectMeta {
+            name: Some(name.to_owned()),
+            labels: service.metadata.labels.clone(),
+            owner_references: service.metadata.owner_references.clone(),
+            ..Default::default()
+        };
+        if let Some(spec) = service.spec.as_mut() {
+            spec.cluster_ip = None;
+            spec.cluster_ips = None;
+        }
+    }
+    foreign.metadata.owner_references = None;
+    for service in [&stray, &foreign] {
+        services
+            .create(&Default::default(), service)
+            .await
+            .expect("create a labelled Service");
+    }
+
     // Without the ingress, the Ingress goes and the webhook URL is the Service's.
     h.patch_spec("web", json!({"exposure": {"ingress": null}}))
         .await
@@ -546,6 +571,38 @@ async fn children_follow_the_spec_and_come_back_when_deleted() {
             .ok()?
             .is_none()
             .then_some(())
+    })
+    .await;
+    eventually("the stray Service to be deleted", || async {
+        services
+            .get_opt("web-stray")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert!(
+        services
+            .get_opt("web-foreign")
+            .await
+            .expect("get")
+            .is_some(),
+        "a Service not controlled by the integration stays"
+    );
+    let events = h.api::<Event>();
+    eventually("an Event for each deleted child", || async {
+        let notes: Vec<String> = events
+            .list(&Default::default())
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .filter(|e| e.reason.as_deref() == Some("ChildDeleted"))
+            .filter_map(|e| e.note)
+            .collect();
+        let deleted = |child: &str| notes.iter().any(|n| n.contains(child));
+        (deleted("Ingress/web-ingest") && deleted("Service/web-stray")).then_some(())
     })
     .await;
     let integrations = h.integrations();

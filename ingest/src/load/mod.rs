@@ -601,9 +601,11 @@ fn on_conflict_sql(rows: &TableRows<'_>) -> String {
         .map(|c| format!("{0} = excluded.{0}", quote_ident(c)))
         .collect::<Vec<_>>()
         .join(", ");
+    let key = quote_ident("message_id");
+    let sequence = quote_ident("_sdc_sequence");
     format!(
-        " ON CONFLICT (\"message_id\") DO UPDATE SET {sets} \
-         WHERE t.\"_sdc_sequence\" IS NULL OR t.\"_sdc_sequence\" <= excluded.\"_sdc_sequence\""
+        " ON CONFLICT ({key}) DO UPDATE SET {sets} \
+         WHERE t.{sequence} IS NULL OR t.{sequence} <= excluded.{sequence}"
     )
 }
 

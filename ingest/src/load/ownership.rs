@@ -21,7 +21,7 @@ use sqlx::{Postgres, Transaction};
 use super::privilege::Need;
 use super::{LoadError, Tx, Warehouse};
 use crate::event::Table;
-use crate::schema::{qualified, quote_ident};
+use crate::schema::{Dialect, SystemTable, qualified, quote_ident};
 
 /// The table, in each owned schema, that records what Sluice created there and for whom.
 pub const OWNERSHIP_TABLE: &str = "_sdc_ownership";
@@ -58,26 +58,30 @@ pub struct Dropped {
     pub kept: Option<String>,
 }
 
+/// `_sdc_ownership`: what Sluice created in the schema, for whom.
+pub const OWNERSHIP: SystemTable = SystemTable {
+    name: OWNERSHIP_TABLE,
+    columns: &[
+        ("object_type", "text NOT NULL"),
+        ("object_name", "text NOT NULL"),
+        ("created", "boolean NOT NULL"),
+        ("owner_uid", "text NOT NULL"),
+        ("owner_name", "text NOT NULL"),
+        ("recorded_at", "timestamptz NOT NULL DEFAULT now()"),
+    ],
+    primary_key: &["object_type", "object_name"],
+};
+
 /// `CREATE TABLE IF NOT EXISTS` for the ownership table.
 pub fn create_ownership_sql(schema: &str) -> String {
-    format!(
-        "CREATE TABLE IF NOT EXISTS {} (\"object_type\" text NOT NULL, \
-         \"object_name\" text NOT NULL, \"created\" boolean NOT NULL, \
-         \"owner_uid\" text NOT NULL, \"owner_name\" text NOT NULL, \
-         \"recorded_at\" timestamptz NOT NULL DEFAULT now(), \
-         PRIMARY KEY (\"object_type\", \"object_name\"))",
-        qualified(schema, OWNERSHIP_TABLE)
-    )
+    OWNERSHIP.create_sql(schema)
 }
 
 /// `INSERT` of one ownership row that keeps an existing one (a claim keeps whether the schema
 /// was created, whoever runs again); parameters: type, name, created, owner UID, owner name.
 pub fn record_sql(schema: &str) -> String {
-    format!(
-        "INSERT INTO {} (\"object_type\", \"object_name\", \"created\", \"owner_uid\", \
-         \"owner_name\") VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-        qualified(schema, OWNERSHIP_TABLE)
-    )
+    let insert = OWNERSHIP.insert_sql(Dialect::Postgres, schema, 5, 1);
+    format!("{insert} ON CONFLICT DO NOTHING")
 }
 
 /// `DROP TABLE` without `CASCADE`: objects of others that depend on it stop the drop.
@@ -108,9 +112,9 @@ async fn recorded_claim(
     schema: &str,
 ) -> Result<Option<(String, String, bool)>, sqlx::Error> {
     let sql = format!(
-        "SELECT \"owner_uid\", \"owner_name\", \"created\" FROM {} \
-         WHERE \"object_type\" = 'schema'",
-        qualified(schema, OWNERSHIP_TABLE)
+        "{} WHERE {} = 'schema'",
+        OWNERSHIP.select_sql(schema, &["owner_uid", "owner_name", "created"]),
+        quote_ident("object_type")
     );
     sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .fetch_optional(&mut **tx)
@@ -124,9 +128,10 @@ async fn recorded_tables(
     uid: &str,
 ) -> Result<Vec<String>, sqlx::Error> {
     let sql = format!(
-        "SELECT \"object_name\" FROM {} WHERE \"object_type\" = 'table' AND \"owner_uid\" = $1 \
-         ORDER BY 1",
-        qualified(schema, OWNERSHIP_TABLE)
+        "{} WHERE {} = 'table' AND {} = $1 ORDER BY 1",
+        OWNERSHIP.select_sql(schema, &["object_name"]),
+        quote_ident("object_type"),
+        quote_ident("owner_uid")
     );
     sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
         .bind(uid)

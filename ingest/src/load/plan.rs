@@ -29,7 +29,7 @@ use crate::json;
 use crate::naming::KeyPath;
 use crate::normalize::{Record, SqlValue};
 use crate::schema::{
-    COLUMN_LIMIT, Catalog, ColumnType, OVERFLOW_COLUMN, TableColumns, base_columns,
+    COLUMN_LIMIT, Catalog, ColumnType, OVERFLOW_COLUMN, SYSTEM_COLUMNS, TableColumns, base_columns,
 };
 
 /// The most bytes of values a row keeps in columns that cannot be moved out of the row (see
@@ -168,13 +168,7 @@ fn plan_table<'a, 'c>(
     };
     let mut placed_at: FxHashMap<(&'a KeyPath, ColumnType), Placement<'c>> = FxHashMap::default();
     let mut sparse_rows: Vec<Vec<(usize, Cow<'a, SqlValue>)>> = Vec::with_capacity(indexes.len());
-    let system = [
-        ("_sdc_received_at", ColumnType::Timestamp),
-        ("_sdc_batched_at", ColumnType::Timestamp),
-        ("_sdc_sequence", ColumnType::BigInt),
-        ("_sdc_table_version", ColumnType::BigInt),
-    ];
-    let system_positions: Vec<usize> = system
+    let system_positions: Vec<usize> = SYSTEM_COLUMNS
         .iter()
         .map(|(name, ty)| position(name, *ty, &mut columns))
         .collect();

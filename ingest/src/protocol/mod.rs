@@ -43,7 +43,7 @@ use crate::normalize::{Record, normalize};
 use crate::startup::Readiness;
 
 /// The most events one webhook request may carry (Segment's Webhooks (Actions) batch size).
-pub const MAX_BATCH_EVENTS: usize = 4000;
+pub const MAX_WEBHOOK_EVENTS: usize = 4000;
 
 /// What the handlers share.
 #[derive(Debug, Clone)]
@@ -174,7 +174,7 @@ impl IntoResponse for Refusal {
             }
             Refusal::TooMany(n) => error(
                 StatusCode::BAD_REQUEST,
-                format!("a batch holds at most {MAX_BATCH_EVENTS} events, this one has {n}"),
+                format!("a batch holds at most {MAX_WEBHOOK_EVENTS} events, this one has {n}"),
             ),
             Refusal::Delete => error(
                 StatusCode::NOT_IMPLEMENTED,
@@ -202,7 +202,7 @@ fn parse_events(body: &Bytes) -> Result<Vec<(Value, Bytes)>, Refusal> {
     };
     if body.trim_ascii_start().starts_with(b"[") {
         let elements: Vec<&serde_json::value::RawValue> = json::parse(&body).map_err(malformed)?;
-        if elements.len() > MAX_BATCH_EVENTS {
+        if elements.len() > MAX_WEBHOOK_EVENTS {
             return Err(Refusal::TooMany(elements.len()));
         }
         elements
@@ -327,12 +327,5 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        state.metrics.render(),
-    )
-        .into_response()
+    crate::metrics::exposition(state.metrics.render())
 }

@@ -27,6 +27,7 @@ use serde_json::{Map, Value, json};
 use sha1::{Digest, Sha1};
 
 use super::{AppState, commit, error, prepare, read_body, unavailable};
+use crate::event::Table;
 use crate::json;
 use crate::normalize::{format_timestamp, parse_timestamp};
 
@@ -35,28 +36,28 @@ pub const MAX_EVENT_BYTES: usize = 32 * 1024;
 /// Largest batch request body, in bytes (after gzip decoding).
 pub const MAX_BATCH_BYTES: usize = 500 * 1024;
 /// Most events in one batch.
-pub const MAX_BATCH_EVENTS: usize = 2500;
+pub const MAX_TRACKING_BATCH_EVENTS: usize = 2500;
 
 /// What a route asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Route {
-    /// One event; the type its path names.
-    Single(&'static str),
+    /// One event of the call its path names.
+    Single(Table),
     /// `/v1/batch`.
     Batch,
 }
 
+/// The route of `/v1/{call}`: a call type (`track`), its one-letter short form (`t`), or `batch`
+/// (`b`), as Segment's HTTP Tracking API documents them.
 fn route(call: &str) -> Option<Route> {
-    Some(match call {
-        "track" | "t" => Route::Single("track"),
-        "identify" | "i" => Route::Single("identify"),
-        "page" | "p" => Route::Single("page"),
-        "screen" | "s" => Route::Single("screen"),
-        "group" | "g" => Route::Single("group"),
-        "alias" | "a" => Route::Single("alias"),
-        "batch" | "b" => Route::Batch,
-        _ => return None,
-    })
+    let short = |name: &str| &name[..1] == call;
+    if call == "batch" || short("batch") {
+        return Some(Route::Batch);
+    }
+    Table::ALL
+        .into_iter()
+        .find(|table| table.name() == call || short(table.name()))
+        .map(Route::Single)
 }
 
 /// Write keys that may send events. With none configured every request is accepted.
@@ -241,10 +242,10 @@ fn parse(
     }
     object.remove("writeKey");
     match route {
-        Route::Single(kind) => {
+        Route::Single(table) => {
             object
                 .entry("type")
-                .or_insert_with(|| Value::String(kind.to_owned()));
+                .or_insert_with(|| Value::String(table.name().to_owned()));
             Ok(vec![object])
         }
         Route::Batch => split_batch(object),
@@ -266,17 +267,12 @@ pub fn decode_object(
     };
     let body = decompress(content_encoding, body, limit)?;
     if body.len() > limit {
-        return Err(bad(if batch {
-            format!(
-                "batch is larger than the 500 KB limit ({} bytes)",
-                body.len()
-            )
-        } else {
-            format!(
-                "event is larger than the 32 KB limit ({} bytes)",
-                body.len()
-            )
-        }));
+        let what = if batch { "batch" } else { "event" };
+        return Err(bad(format!(
+            "{what} is larger than the limit of {} ({} bytes)",
+            kib(limit),
+            body.len()
+        )));
     }
     let malformed = |e: json::JsonError| bad(format!("malformed JSON: {e}"));
     let repaired = json::repair(&body).map_err(malformed)?;
@@ -286,7 +282,13 @@ pub fn decode_object(
     }
 }
 
-/// The events of a `/v1/batch` body: its `batch` array (at most 2500 events of at most 32 KB),
+/// A byte limit as Segment's documentation writes it (`32 KB`: 1 KB = 1024 bytes).
+fn kib(bytes: usize) -> String {
+    format!("{} KB", bytes / 1024)
+}
+
+/// The events of a `/v1/batch` body: its `batch` array (at most [`MAX_TRACKING_BATCH_EVENTS`]
+/// events of at most [`MAX_EVENT_BYTES`] each),
 /// each with the batch's `context` and `integrations` merged under its own and the batch's
 /// `sentAt` unless it has one.
 pub fn split_batch(mut object: Map<String, Value>) -> Result<Vec<Map<String, Value>>, Refused> {
@@ -298,9 +300,9 @@ pub fn split_batch(mut object: Map<String, Value>) -> Result<Vec<Map<String, Val
             ));
         }
     };
-    if items.len() > MAX_BATCH_EVENTS {
+    if items.len() > MAX_TRACKING_BATCH_EVENTS {
         return Err(bad(format!(
-            "batch has {} events, more than the limit of {MAX_BATCH_EVENTS}",
+            "batch has {} events, more than the limit of {MAX_TRACKING_BATCH_EVENTS}",
             items.len()
         )));
     }
@@ -314,7 +316,8 @@ pub fn split_batch(mut object: Map<String, Value>) -> Result<Vec<Map<String, Val
             let size = json_len(&item);
             if size > MAX_EVENT_BYTES {
                 return Err(bad(format!(
-                    "event {index}: larger than the 32 KB limit ({size} bytes)"
+                    "event {index}: larger than the limit of {} ({size} bytes)",
+                    kib(MAX_EVENT_BYTES)
                 )));
             }
             item.remove("writeKey");
@@ -474,7 +477,10 @@ mod tests {
             assert_eq!(route(long), route(short));
             assert!(route(long).is_some());
         }
-        assert_eq!(route("webhooks"), None);
+        assert_eq!(route("track"), Some(Route::Single(Table::Track)));
+        for unknown in ["webhooks", "x", "", "tr"] {
+            assert_eq!(route(unknown), None, "{unknown:?}");
+        }
     }
 
     #[test]
@@ -574,7 +580,7 @@ mod tests {
 
     #[test]
     fn batch_limits_name_the_limit() {
-        let many = json!({"batch": vec![json!({"type": "track"}); MAX_BATCH_EVENTS + 1]});
+        let many = json!({"batch": vec![json!({"type": "track"}); MAX_TRACKING_BATCH_EVENTS + 1]});
         let Err(Refused(status, message)) =
             split_batch(serde_json::from_value(many).expect("object"))
         else {
