@@ -7,13 +7,14 @@
 //! bounded in events: when it is full, [`Loader::submit`] fails at once and the receiver answers
 //! 503, so memory stays bounded and the sender retries.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use chrono::{DateTime, Utc};
-use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 
 use super::plan::{Item, TableRows};
@@ -21,7 +22,26 @@ use super::{LoadError, Rejected, Warehouse};
 use crate::event::Table;
 use crate::metrics::Metrics;
 use crate::normalize::Record;
-use crate::schema::Catalog;
+
+/// Where the batcher sends its batches: [`Warehouse`] in production; the batcher's tests use
+/// one without a database.
+pub trait Writer: Clone + Send + Sync + 'static {
+    /// Writes `items` in one transaction and answers what became of them. An error fails every
+    /// job of the batch (their senders get 503 and retry).
+    fn write(
+        &self,
+        items: Vec<Item>,
+    ) -> impl Future<Output = Result<LoadSummary, LoadError>> + Send;
+}
+
+impl Writer for Warehouse {
+    fn write(
+        &self,
+        items: Vec<Item>,
+    ) -> impl Future<Output = Result<LoadSummary, LoadError>> + Send {
+        Warehouse::write(self, items)
+    }
+}
 
 /// Tuning of the loader.
 #[derive(Debug, Clone)]
@@ -99,10 +119,10 @@ pub struct Loader {
 }
 
 impl Loader {
-    /// Starts the batcher on `warehouse`. The batcher runs until every clone of the returned
-    /// [`Loader`] is dropped, then writes what is queued and ends the returned task.
-    pub fn start(
-        warehouse: Warehouse,
+    /// Starts the batcher on `writer` (a [`Warehouse`]). The batcher runs until every clone of
+    /// the returned [`Loader`] is dropped, then writes what is queued and ends the returned task.
+    pub fn start<W: Writer>(
+        writer: W,
         config: LoaderConfig,
         metrics: Arc<Metrics>,
     ) -> (Loader, tokio::task::JoinHandle<()>) {
@@ -114,7 +134,7 @@ impl Loader {
             sequence: Arc::new(AtomicI64::new(0)),
             metrics: metrics.clone(),
         };
-        let task = tokio::spawn(run(receiver, warehouse, config, metrics));
+        let task = tokio::spawn(run(receiver, writer, config, metrics));
         (loader, task)
     }
 
@@ -173,13 +193,12 @@ impl Loader {
     }
 }
 
-async fn run(
+async fn run<W: Writer>(
     mut jobs: mpsc::UnboundedReceiver<Job>,
-    warehouse: Warehouse,
+    writer: W,
     config: LoaderConfig,
     metrics: Arc<Metrics>,
 ) {
-    let catalog = Arc::new(Mutex::new(Catalog::default()));
     let writers = Arc::new(Semaphore::new(config.writers.max(1)));
     let max_rows = config.max_batch_rows.max(1);
     let mut tasks = JoinSet::new();
@@ -221,8 +240,7 @@ async fn run(
         };
         let Ok(permit) = permit else { break };
         tasks.spawn(write_batch(
-            warehouse.clone(),
-            catalog.clone(),
+            writer.clone(),
             batch,
             metrics.clone(),
             permit,
@@ -233,9 +251,8 @@ async fn run(
     tracing::info!("loader drained");
 }
 
-async fn write_batch(
-    warehouse: Warehouse,
-    catalog: Arc<Mutex<Catalog>>,
+async fn write_batch<W: Writer>(
+    writer: W,
     mut batch: Vec<Job>,
     metrics: Arc<Metrics>,
     _writer: OwnedSemaphorePermit,
@@ -256,7 +273,7 @@ async fn write_batch(
         .collect();
     let count = items.len();
     let started = Instant::now();
-    let result = warehouse.write(&catalog, items).await;
+    let result = writer.write(items).await;
     let elapsed = started.elapsed().as_secs_f64();
     let summary = match result {
         Ok(summary) => {
@@ -288,5 +305,244 @@ async fn write_batch(
         });
         // A sender that went away (client disconnected) needs no answer; its rows are loaded.
         let _ = job.done.send(answer);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The batcher on its own: a writer that records each batch's message ids, can be held busy
+    //! (a gate it waits on) and refuses chosen records, so lingering, growth while writers are
+    //! busy, admission and outcomes are checked without a database, on tokio's paused clock.
+
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::normalize::Record;
+
+    #[derive(Clone)]
+    struct Recording {
+        batches: Arc<Mutex<Vec<Vec<String>>>>,
+        /// Each write waits for one permit; start with none to hold the writer busy.
+        gate: Arc<Semaphore>,
+        /// Message ids "the database" refuses (kept in `_sdc_rejected`).
+        refuse: HashSet<String>,
+        /// Whether every batch fails as if the database were down.
+        down: bool,
+    }
+
+    impl Recording {
+        fn open() -> Recording {
+            Recording::gated(Semaphore::MAX_PERMITS)
+        }
+
+        fn gated(permits: usize) -> Recording {
+            Recording {
+                batches: Arc::default(),
+                gate: Arc::new(Semaphore::new(permits)),
+                refuse: HashSet::new(),
+                down: false,
+            }
+        }
+
+        fn batches(&self) -> Vec<Vec<String>> {
+            self.batches.lock().expect("lock").clone()
+        }
+    }
+
+    impl Writer for Recording {
+        fn write(
+            &self,
+            items: Vec<Item>,
+        ) -> impl Future<Output = Result<LoadSummary, LoadError>> + Send {
+            let this = self.clone();
+            async move {
+                this.gate.acquire().await.expect("gate").forget();
+                let ids: Vec<String> = items.iter().map(|i| i.record.message_id.clone()).collect();
+                this.batches.lock().expect("lock").push(ids.clone());
+                if this.down {
+                    return Err(LoadError::Unavailable("the database is down".to_owned()));
+                }
+                let refused: Vec<(Table, String)> = ids
+                    .iter()
+                    .filter(|id| this.refuse.contains(*id))
+                    .map(|id| (Table::Track, id.clone()))
+                    .collect();
+                Ok(LoadSummary {
+                    loaded: vec![(Table::Track, ids.len() - refused.len())],
+                    rejected: vec![(Table::Track, refused.len())],
+                    rejected_records: refused,
+                })
+            }
+        }
+    }
+
+    fn config(max_batch_rows: usize, delay_ms: u64, queue_capacity: usize) -> LoaderConfig {
+        LoaderConfig {
+            max_batch_rows,
+            max_batch_delay: Duration::from_millis(delay_ms),
+            queue_capacity,
+            writers: 1,
+        }
+    }
+
+    fn start(writer: &Recording, config: LoaderConfig) -> (Loader, tokio::task::JoinHandle<()>) {
+        Loader::start(writer.clone(), config, Arc::new(Metrics::new()))
+    }
+
+    /// Submits one job of records with these message ids.
+    fn submit(loader: &Loader, ids: &[&str]) -> Result<Submitted, LoadError> {
+        let records = ids
+            .iter()
+            .map(|id| {
+                let record = Record {
+                    table: Table::Track,
+                    message_id: (*id).to_owned(),
+                    fields: Vec::new(),
+                };
+                (record, Bytes::new())
+            })
+            .collect();
+        loader.submit(records, Utc::now())
+    }
+
+    async fn settle() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+
+    fn ids(batches: &[&[&str]]) -> Vec<Vec<String>> {
+        batches
+            .iter()
+            .map(|b| b.iter().map(|id| (*id).to_owned()).collect())
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_writer_takes_an_event_at_once_and_batches_grow_while_it_is_busy() {
+        let writer = Recording::gated(0);
+        let (loader, _task) = start(&writer, config(1000, 0, 100));
+        let first = submit(&loader, &["a"]).expect("queued");
+        settle().await;
+        let later: Vec<Submitted> = ["b", "c", "d"]
+            .iter()
+            .map(|id| submit(&loader, &[id]).expect("queued"))
+            .collect();
+        settle().await;
+        writer.gate.add_permits(10);
+        first.await.expect("answer").expect("committed");
+        for answer in later {
+            answer.await.expect("answer").expect("committed");
+        }
+        assert_eq!(writer.batches(), ids(&[&["a"], &["b", "c", "d"]]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_lingers_for_more_events_until_its_delay() {
+        let writer = Recording::open();
+        let (loader, _task) = start(&writer, config(1000, 50, 100));
+        let a = submit(&loader, &["a"]).expect("queued");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let b = submit(&loader, &["b"]).expect("queued");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let c = submit(&loader, &["c"]).expect("queued");
+        for answer in [a, b, c] {
+            answer.await.expect("answer").expect("committed");
+        }
+        assert_eq!(writer.batches(), ids(&[&["a", "b"], &["c"]]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_closes_at_max_batch_rows_without_splitting_a_job() {
+        let writer = Recording::gated(0);
+        let (loader, _task) = start(&writer, config(3, 0, 100));
+        let mut answers = vec![submit(&loader, &["a"]).expect("queued")];
+        settle().await;
+        answers.push(submit(&loader, &["b", "c"]).expect("queued"));
+        answers.push(submit(&loader, &["d", "e"]).expect("queued"));
+        answers.push(submit(&loader, &["f"]).expect("queued"));
+        settle().await;
+        writer.gate.add_permits(10);
+        for answer in answers {
+            answer.await.expect("answer").expect("committed");
+        }
+        assert_eq!(
+            writer.batches(),
+            ids(&[&["a"], &["b", "c", "d", "e"], &["f"]])
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_queue_refuses_at_once_and_has_room_again_after_the_commit() {
+        let writer = Recording::gated(0);
+        let (loader, _task) = start(&writer, config(1000, 0, 2));
+        let held = submit(&loader, &["a", "b"]).expect("queued");
+        assert!(matches!(
+            submit(&loader, &["c"]),
+            Err(LoadError::QueueFull)
+        ));
+        writer.gate.add_permits(2);
+        held.await.expect("answer").expect("committed");
+        let again = submit(&loader, &["c"]).expect("room after the commit");
+        again.await.expect("answer").expect("committed");
+        // A job larger than the whole queue takes all of it rather than never fitting.
+        let large = submit(&loader, &["d", "e", "f"]).expect("takes the whole queue");
+        writer.gate.add_permits(1);
+        large.await.expect("answer").expect("committed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_job_learns_its_own_outcome_and_a_failed_batch_fails_every_job() {
+        let mut writer = Recording::gated(0);
+        writer.refuse.insert("b2".to_owned());
+        let (loader, _task) = start(&writer, config(1000, 0, 100));
+        let busy = submit(&loader, &["x"]).expect("queued");
+        settle().await;
+        let a = submit(&loader, &["a1"]).expect("queued");
+        let b = submit(&loader, &["b1", "b2"]).expect("queued");
+        settle().await;
+        writer.gate.add_permits(10);
+        busy.await.expect("answer").expect("committed");
+        assert_eq!(
+            a.await.expect("answer").expect("committed"),
+            Outcome {
+                loaded: 1,
+                rejected: 0
+            }
+        );
+        assert_eq!(
+            b.await.expect("answer").expect("committed"),
+            Outcome {
+                loaded: 1,
+                rejected: 1
+            }
+        );
+
+        let mut down = Recording::open();
+        down.down = true;
+        let (loader, _task) = start(&down, config(1000, 0, 100));
+        let answer = submit(&loader, &["m"]).expect("queued");
+        assert!(matches!(
+            answer.await.expect("answer"),
+            Err(LoadError::Unavailable(_))
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dropping_the_loader_writes_what_is_queued_and_ends_the_batcher() {
+        let writer = Recording::gated(0);
+        let (loader, task) = start(&writer, config(1000, 0, 100));
+        let answers: Vec<Submitted> = ["a", "b", "c"]
+            .iter()
+            .map(|id| submit(&loader, &[id]).expect("queued"))
+            .collect();
+        settle().await;
+        drop(loader);
+        writer.gate.add_permits(3);
+        task.await.expect("the batcher ends");
+        for answer in answers {
+            answer.await.expect("answer").expect("committed");
+        }
+        let written: usize = writer.batches().iter().map(Vec::len).sum();
+        assert_eq!(written, 3);
     }
 }

@@ -14,13 +14,14 @@ mod postgres;
 mod privilege;
 mod sqlite;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::{AssertSqlSafe, PgPool, SqlitePool};
 use tokio::sync::Mutex;
 
-pub use batcher::{Job, LoadSummary, Loader, LoaderConfig, Outcome, Submitted};
+pub use batcher::{Job, LoadSummary, Loader, LoaderConfig, Outcome, Submitted, Writer};
 pub use ownership::{Claim, Dropped, OWNERSHIP_TABLE, Owner};
 pub use plan::Item;
 
@@ -150,10 +151,14 @@ enum Pool {
 ///
 /// This is also the library entry point the operator uses to create a schema and its tables
 /// ([`Warehouse::ensure_owned_schema`]) and to drop what it created ([`Warehouse::drop_owned`]).
+///
+/// Clones share the pool and the cached [`Catalog`] (the columns Sluice knows each table has),
+/// so that the batcher's writers read the catalog from the database once, not per batch.
 #[derive(Debug, Clone)]
 pub struct Warehouse {
     pool: Pool,
     schema: String,
+    known: Arc<Mutex<Catalog>>,
 }
 
 /// A record the database refused, kept in `_sdc_rejected` with the reason.
@@ -196,6 +201,7 @@ impl Warehouse {
         Ok(Warehouse {
             pool,
             schema: schema.to_owned(),
+            known: Arc::default(),
         })
     }
 
@@ -360,11 +366,8 @@ impl Warehouse {
     /// then upserts every table's rows. A record whose columns the database refuses keeps its
     /// new keys in `_sdc_overflow`; a record the database refuses goes to `_sdc_rejected`. The
     /// rest of the batch is committed either way.
-    pub async fn write(
-        &self,
-        catalog: &Mutex<Catalog>,
-        items: Vec<Item>,
-    ) -> Result<LoadSummary, LoadError> {
+    pub async fn write(&self, items: Vec<Item>) -> Result<LoadSummary, LoadError> {
+        let catalog = &self.known;
         let mut items = dedup(items);
         let mut refreshed = false;
         if catalog.lock().await.0.is_empty() {
@@ -373,11 +376,11 @@ impl Warehouse {
         }
         let mut isolated = false;
         loop {
-            let tables = match self.plan(catalog, &items).await {
+            let tables = match self.plan(&items).await {
                 Ok(tables) => tables,
                 Err(LoadError::Database(error)) if !isolated => {
                     tracing::warn!(%error, "columns for the batch refused; adding them record by record");
-                    items = self.isolate_ddl_failures(catalog, items).await?;
+                    items = self.isolate_ddl_failures(items).await?;
                     isolated = true;
                     continue;
                 }
@@ -406,13 +409,9 @@ impl Warehouse {
     /// Adds the columns of each item alone; an item whose columns the database refuses adds
     /// none and keeps its new keys in `_sdc_overflow` instead, so that one event's keys never
     /// fail its batch.
-    async fn isolate_ddl_failures(
-        &self,
-        catalog: &Mutex<Catalog>,
-        mut items: Vec<Item>,
-    ) -> Result<Vec<Item>, LoadError> {
+    async fn isolate_ddl_failures(&self, mut items: Vec<Item>) -> Result<Vec<Item>, LoadError> {
         for item in &mut items {
-            match self.plan(catalog, std::slice::from_ref(item)).await {
+            match self.plan(std::slice::from_ref(item)).await {
                 Ok(_) => {}
                 Err(LoadError::Database(reason)) => {
                     tracing::warn!(table = %item.record.table, message_id = %item.record.message_id, %reason,
@@ -426,11 +425,8 @@ impl Warehouse {
     }
 
     /// Plans the batch against the catalog, evolving the schema until every column exists.
-    async fn plan<'a>(
-        &self,
-        catalog: &Mutex<Catalog>,
-        items: &'a [Item],
-    ) -> Result<Vec<TableRows<'a>>, LoadError> {
+    async fn plan<'a>(&self, items: &'a [Item]) -> Result<Vec<TableRows<'a>>, LoadError> {
+        let catalog = &self.known;
         let batched_at = Utc::now();
         // Each round adds columns; a concurrent writer can cause at most a few more rounds.
         for _ in 0..8 {
