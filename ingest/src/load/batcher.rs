@@ -34,6 +34,10 @@ pub struct LoaderConfig {
     pub queue_capacity: usize,
     /// Batches written concurrently (each on its own connection).
     pub writers: usize,
+    /// Longest a batch may take to commit, connection included; past it the batch is
+    /// abandoned (its transaction rolled back, its connection dropped) and its jobs fail with
+    /// [`LoadError::Unavailable`], so a stalled database never holds a writer for good.
+    pub commit_timeout: Duration,
 }
 
 /// What one committed batch did, per table.
@@ -225,6 +229,7 @@ async fn run(
             catalog.clone(),
             batch,
             metrics.clone(),
+            config.commit_timeout,
             permit,
         ));
         while tasks.try_join_next().is_some() {}
@@ -238,6 +243,7 @@ async fn write_batch(
     catalog: Arc<Mutex<Catalog>>,
     mut batch: Vec<Job>,
     metrics: Arc<Metrics>,
+    commit_timeout: Duration,
     _writer: OwnedSemaphorePermit,
 ) {
     // Each job's records, to tell it which of them the database refused.
@@ -256,7 +262,14 @@ async fn write_batch(
         .collect();
     let count = items.len();
     let started = Instant::now();
-    let result = warehouse.write(&catalog, items).await;
+    let result = tokio::time::timeout(commit_timeout, warehouse.write(&catalog, items))
+        .await
+        .unwrap_or_else(|_| {
+            Err(LoadError::Unavailable(format!(
+                "the batch did not commit within {} ms",
+                commit_timeout.as_millis()
+            )))
+        });
     let elapsed = started.elapsed().as_secs_f64();
     let summary = match result {
         Ok(summary) => {
