@@ -1,6 +1,6 @@
-//! Small filesystems that fill up: a tmpfs of a few MiB mounted for one test (this needs root,
-//! or CAP_SYS_ADMIN; a test that cannot mount fails and says so), filled with a filler file
-//! and freed by deleting it; unmounted when dropped.
+//! Filesystems that fail under a running service, mounted for one test (this needs root, or
+//! CAP_SYS_ADMIN; a test that cannot mount fails and says so): a small tmpfs that fills up
+//! ([`SmallFs`]) and an ext4 disk that turns read-only on an error ([`Ext4`]).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -87,5 +87,123 @@ impl Drop for SmallFs {
             .arg("-l")
             .arg(self.dir.path())
             .status();
+    }
+}
+
+/// An ext4 filesystem in an image file, loop-mounted with `errors=remount-ro`, as a data disk
+/// is: an error the kernel detects makes it read-only at once ([`Ext4::fail`]), whatever files
+/// are open for writing. (A plain `mount -o remount,ro` is refused while a program holds a
+/// file open for writing, as SQLite does its database.) Unmounted when dropped.
+#[derive(Debug)]
+pub struct Ext4 {
+    dir: tempfile::TempDir,
+    mounted: bool,
+}
+
+fn run(program: &str, args: &[&str]) -> std::process::Output {
+    Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
+}
+
+fn must(program: &str, args: &[&str]) {
+    let output = run(program, args);
+    assert!(
+        output.status.success(),
+        "{program} {args:?} failed (the fault tests need root, util-linux and e2fsprogs): {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+impl Ext4 {
+    /// Makes a `mib` MiB ext4 image and mounts it.
+    pub fn mount(mib: u32) -> Ext4 {
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let image = dir.path().join("disk.img");
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(u64::from(mib) << 20))
+            .expect("image file");
+        must(
+            "mkfs.ext4",
+            &["-q", "-F", image.to_str().expect("UTF-8 path")],
+        );
+        std::fs::create_dir(dir.path().join("mnt")).expect("mount point");
+        let mut disk = Ext4 {
+            dir,
+            mounted: false,
+        };
+        disk.remount();
+        disk
+    }
+
+    /// Where it is mounted.
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().join("mnt")
+    }
+
+    fn image(&self) -> String {
+        self.dir.path().join("disk.img").display().to_string()
+    }
+
+    /// Mounts the image again (after [`Ext4::check`]).
+    pub fn remount(&mut self) {
+        let mnt = self.path().display().to_string();
+        must(
+            "mount",
+            &[
+                "-t",
+                "ext4",
+                "-o",
+                "loop,errors=remount-ro",
+                &self.image(),
+                &mnt,
+            ],
+        );
+        self.mounted = true;
+    }
+
+    /// Reports an error on the filesystem, as ext4 does on a failed write or a corrupt block
+    /// (`/sys/fs/ext4/DEVICE/trigger_fs_error`): the kernel aborts the journal and the
+    /// filesystem is read-only from then on, for every open file too.
+    pub fn fail(&self) {
+        let mnt = self.path().display().to_string();
+        let source = run("findmnt", &["-n", "-o", "SOURCE", &mnt]);
+        let device = String::from_utf8_lossy(&source.stdout).trim().to_owned();
+        let name = device.rsplit('/').next().unwrap_or_default().to_owned();
+        std::fs::write(
+            format!("/sys/fs/ext4/{name}/trigger_fs_error"),
+            "sluice fault test",
+        )
+        .unwrap_or_else(|e| panic!("cannot trigger an error on {device}: {e}"));
+        let options = run("findmnt", &["-n", "-o", "OPTIONS", &mnt]);
+        let options = String::from_utf8_lossy(&options.stdout).into_owned();
+        assert!(
+            options.starts_with("ro") || options.contains("emergency_ro"),
+            "{mnt} is read-only now: {options}"
+        );
+    }
+
+    /// Unmounts the filesystem (every file on it must be closed) and checks and repairs it with
+    /// `e2fsck`, as an administrator does before using a disk that failed again.
+    pub fn check(&mut self) {
+        must("umount", &[&self.path().display().to_string()]);
+        self.mounted = false;
+        let output = run("e2fsck", &["-f", "-y", &self.image()]);
+        // 0: clean; 1: errors corrected.
+        assert!(
+            matches!(output.status.code(), Some(0 | 1)),
+            "e2fsck: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+impl Drop for Ext4 {
+    fn drop(&mut self) {
+        if self.mounted {
+            let _ = Command::new("umount").arg("-l").arg(self.path()).status();
+        }
     }
 }
