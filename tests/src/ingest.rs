@@ -478,7 +478,11 @@ impl Process {
     /// Starts the binary with `args` and extra environment, listening on a free port, and
     /// waits until it is ready. Its output goes to the test's output.
     pub async fn spawn(args: &[&str], env: &[(&str, &str)]) -> Process {
-        let port = free_port();
+        Process::spawn_on(free_port(), args, env).await
+    }
+
+    /// [`Process::spawn`] on a given loopback port (to restart a process where it was).
+    pub async fn spawn_on(port: u16, args: &[&str], env: &[(&str, &str)]) -> Process {
         let listen = format!("127.0.0.1:{port}");
         let mut command = tokio::process::Command::new(ingest_binary());
         command
@@ -504,6 +508,22 @@ impl Process {
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id().expect("running")
+    }
+
+    /// The loopback port it listens on.
+    pub fn port(&self) -> u16 {
+        self.base
+            .rsplit(':')
+            .next()
+            .and_then(|port| port.parse().ok())
+            .expect("a port")
+    }
+
+    /// Kills the process with SIGKILL (no chance to finish anything, as in a node crash or an
+    /// OOM kill) and waits until it is gone.
+    pub async fn kill(mut self) {
+        self.child.start_kill().expect("SIGKILL");
+        self.child.wait().await.expect("wait");
     }
 
     /// Sends SIGTERM, as Kubernetes does to stop a pod.

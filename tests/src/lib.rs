@@ -2,9 +2,12 @@
 //! (`tests/run.sh`) starts, PostgreSQL and a Kubernetes API server, and ways to run the ingest
 //! service against them.
 
+pub mod filesystem;
 pub mod ingest;
 pub mod kube;
 pub mod postgres;
+pub mod sender;
+pub mod toxiproxy;
 
 /// Defines, for each named scenario `async fn NAME(backend: Backend)` of the calling test file, a
 /// test `postgres::NAME` and a test `sqlite::NAME`: the same behaviour proven on both databases.

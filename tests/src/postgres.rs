@@ -23,6 +23,12 @@ pub fn admin_url() -> String {
 
 /// Creates an empty database named after `label` and returns its URL.
 pub async fn fresh_database(label: &str) -> String {
+    fresh_database_on(&admin_url(), label).await
+}
+
+/// Creates an empty database named after `label` on the server of `admin` (an admin URL) and
+/// returns its URL.
+pub async fn fresh_database_on(admin: &str, label: &str) -> String {
     static COUNTER: AtomicUsize = AtomicUsize::new(0);
     let name = format!(
         "t_{}_{}_{}",
@@ -38,16 +44,13 @@ pub async fn fresh_database(label: &str) -> String {
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::Relaxed)
     );
-    let admin = admin_url();
-    let mut conn = PgConnection::connect(&admin)
+    let mut conn = PgConnection::connect(admin)
         .await
         .expect("connect to the test PostgreSQL server");
     conn.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
         .await
         .expect("create a test database");
-    let base = admin
-        .rsplit_once('/')
-        .map_or(admin.as_str(), |(base, _)| base);
+    let base = admin.rsplit_once('/').map_or(admin, |(base, _)| base);
     format!("{base}/{name}")
 }
 
@@ -92,4 +95,87 @@ pub async fn run_as_admin(url: &str, sql: &str) {
     conn.execute(sqlx::AssertSqlSafe(sql.to_owned()))
         .await
         .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+/// How a [`Cluster`] is shut down before it starts again (PostgreSQL's `pg_ctl -m`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shutdown {
+    /// Sessions are ended, a checkpoint is written: a planned restart.
+    Fast,
+    /// Every process is killed at once, as in a crash; the start recovers from the WAL.
+    Immediate,
+}
+
+/// A PostgreSQL server of one test's own (`tests/scripts/postgres.sh` in a temporary folder),
+/// for tests that restart it; stopped when dropped.
+#[derive(Debug)]
+pub struct Cluster {
+    dir: tempfile::TempDir,
+    /// Its admin URL (the superuser, database `postgres`).
+    pub admin_url: String,
+}
+
+/// `tests/scripts/NAME`.
+pub fn script(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("scripts")
+        .join(name)
+}
+
+/// Runs `bash tests/scripts/SCRIPT ARGS...` and panics with its output when it fails.
+pub async fn run_script(name: &str, args: &[&str]) {
+    let output = tokio::process::Command::new("bash")
+        .arg(script(name))
+        .args(args)
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("cannot run {name}: {e}"));
+    assert!(
+        output.status.success(),
+        "{name} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+impl Cluster {
+    /// Initialises and starts a server on a free port.
+    pub async fn start() -> Cluster {
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let path = dir.path().to_str().expect("UTF-8 path").to_owned();
+        run_script("postgres.sh", &["start", &path]).await;
+        let env = std::fs::read_to_string(dir.path().join("env")).expect("env file");
+        let admin_url = env
+            .trim()
+            .split_once('=')
+            .map(|(_, url)| url.to_owned())
+            .expect("export VAR=URL");
+        Cluster { dir, admin_url }
+    }
+
+    /// Creates an empty database on this server and returns its URL.
+    pub async fn fresh_database(&self, label: &str) -> String {
+        fresh_database_on(&self.admin_url, label).await
+    }
+
+    /// Stops the server in `mode` and starts it again on the same port; returns once it
+    /// accepts connections.
+    pub async fn restart(&self, mode: Shutdown) {
+        let mode = match mode {
+            Shutdown::Fast => "fast",
+            Shutdown::Immediate => "immediate",
+        };
+        let path = self.dir.path().to_str().expect("UTF-8 path");
+        run_script("postgres.sh", &["restart", path, mode]).await;
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("bash")
+            .arg(script("postgres.sh"))
+            .arg("stop")
+            .arg(self.dir.path())
+            .status();
+    }
 }

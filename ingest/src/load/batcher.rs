@@ -54,6 +54,10 @@ pub struct LoaderConfig {
     pub queue_capacity: usize,
     /// Batches written concurrently (each on its own connection).
     pub writers: usize,
+    /// Longest a batch may take to commit, connection included; past it the batch is
+    /// abandoned (its transaction rolled back, its connection dropped) and its jobs fail with
+    /// [`LoadError::Unavailable`], so a stalled database never holds a writer for good.
+    pub commit_timeout: Duration,
 }
 
 /// What one committed batch did, per table.
@@ -243,6 +247,7 @@ async fn run<W: Writer>(
             writer.clone(),
             batch,
             metrics.clone(),
+            config.commit_timeout,
             permit,
         ));
         while tasks.try_join_next().is_some() {}
@@ -255,6 +260,7 @@ async fn write_batch<W: Writer>(
     writer: W,
     mut batch: Vec<Job>,
     metrics: Arc<Metrics>,
+    commit_timeout: Duration,
     _writer: OwnedSemaphorePermit,
 ) {
     // Each job's records, to tell it which of them the database refused.
@@ -273,7 +279,14 @@ async fn write_batch<W: Writer>(
         .collect();
     let count = items.len();
     let started = Instant::now();
-    let result = writer.write(items).await;
+    let result = tokio::time::timeout(commit_timeout, writer.write(items))
+        .await
+        .unwrap_or_else(|_| {
+            Err(LoadError::Unavailable(format!(
+                "the batch did not commit within {} ms",
+                commit_timeout.as_millis()
+            )))
+        });
     let elapsed = started.elapsed().as_secs_f64();
     let summary = match result {
         Ok(summary) => {
@@ -383,6 +396,7 @@ mod tests {
             max_batch_delay: Duration::from_millis(delay_ms),
             queue_capacity,
             writers: 1,
+            commit_timeout: Duration::from_secs(15),
         }
     }
 
@@ -476,10 +490,7 @@ mod tests {
         let writer = Recording::gated(0);
         let (loader, _task) = start(&writer, config(1000, 0, 2));
         let held = submit(&loader, &["a", "b"]).expect("queued");
-        assert!(matches!(
-            submit(&loader, &["c"]),
-            Err(LoadError::QueueFull)
-        ));
+        assert!(matches!(submit(&loader, &["c"]), Err(LoadError::QueueFull)));
         writer.gate.add_permits(2);
         held.await.expect("answer").expect("committed");
         let again = submit(&loader, &["c"]).expect("room after the commit");
@@ -525,6 +536,21 @@ mod tests {
             answer.await.expect("answer"),
             Err(LoadError::Unavailable(_))
         ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_not_committed_within_the_commit_timeout_fails_its_jobs() {
+        let writer = Recording::gated(0);
+        let (loader, _task) = start(&writer, config(1000, 0, 100));
+        let started = tokio::time::Instant::now();
+        let answer = submit(&loader, &["stuck"]).expect("queued");
+        match answer.await.expect("answer") {
+            Err(LoadError::Unavailable(message)) => {
+                assert!(message.contains("15000 ms"), "{message}");
+            }
+            other => panic!("expected Unavailable, got {other:?}"),
+        }
+        assert_eq!(started.elapsed(), Duration::from_secs(15));
     }
 
     #[tokio::test(start_paused = true)]

@@ -186,15 +186,45 @@ impl Rejected {
     }
 }
 
+/// How long the database may keep Sluice waiting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Longest wait for a pooled connection, connecting included (default 5 s).
+    pub acquire: Duration,
+    /// Longest a statement may run: PostgreSQL's `statement_timeout`, SQLite's busy timeout
+    /// (default 10 s).
+    pub statement: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Timeouts {
+        Timeouts {
+            acquire: Duration::from_secs(5),
+            statement: Duration::from_secs(10),
+        }
+    }
+}
+
 impl Warehouse {
     /// Opens a pool for `url` (`postgres://…` or `sqlite://…`) without connecting yet, so the
-    /// process can start while the database is down. `connections` caps the pool.
+    /// process can start while the database is down. `connections` caps the pool; the
+    /// timeouts are the defaults ([`Timeouts::default`]).
     pub fn connect(url: &str, schema: &str, connections: u32) -> Result<Warehouse, LoadError> {
+        Warehouse::connect_with(url, schema, connections, Timeouts::default())
+    }
+
+    /// [`Warehouse::connect`] with these timeouts.
+    pub fn connect_with(
+        url: &str,
+        schema: &str,
+        connections: u32,
+        timeouts: Timeouts,
+    ) -> Result<Warehouse, LoadError> {
         validate_schema_name(schema)?;
         let pool = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Pool::Postgres(postgres::pool(url, connections)?)
+            Pool::Postgres(postgres::pool(url, connections, timeouts)?)
         } else if let Some(path) = sqlite::path_of(url) {
-            Pool::Sqlite(sqlite::pool(path, schema, connections)?)
+            Pool::Sqlite(sqlite::pool(path, schema, connections, timeouts)?)
         } else {
             return Err(LoadError::BadUrl(url.to_owned()));
         };

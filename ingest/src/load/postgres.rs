@@ -2,29 +2,45 @@
 //! array parameter per column, so a batch costs one round trip whatever its size.
 
 use std::str::FromStr;
-use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sha1::{Digest, Sha1};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{AssertSqlSafe, PgConnection, PgPool, Postgres, Transaction};
+use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool, Postgres, Transaction};
 
 use super::plan::TableRows;
-use super::{Failure, LoadError, Rejected, on_conflict_sql};
+use super::{Failure, LoadError, Rejected, Timeouts, on_conflict_sql};
 use crate::normalize::SqlValue;
 use crate::schema::{
     Catalog, ColumnType, Dialect, insert_rejected_sql, qualified, quote_ident, select_columns_sql,
 };
 
 /// A lazily connecting pool: the process starts, and `/readyz` reports, while the database is
-/// down.
-pub(super) fn pool(url: &str, connections: u32) -> Result<PgPool, LoadError> {
+/// down. Every connection runs with `statement_timeout`; a connection is tested before it is
+/// handed out (one the server closed, by a restart say, is replaced) and when it comes back
+/// (one that does not answer within the acquire timeout, as over a stalled network, is dropped
+/// rather than kept: it would hold its place in the pool until the network heals).
+pub(super) fn pool(url: &str, connections: u32, timeouts: Timeouts) -> Result<PgPool, LoadError> {
     let options = PgConnectOptions::from_str(url)
         .map_err(|e| LoadError::BadUrl(format!("{url}: {e}")))?
-        .application_name("sluice-ingest");
+        .application_name("sluice-ingest")
+        .options([(
+            "statement_timeout",
+            format!("{}ms", timeouts.statement.as_millis()),
+        )]);
+    let check = timeouts.acquire;
     Ok(PgPoolOptions::new()
         .max_connections(connections.max(1))
-        .acquire_timeout(Duration::from_secs(5))
+        .acquire_timeout(timeouts.acquire)
+        .test_before_acquire(true)
+        .after_release(move |conn, _| {
+            Box::pin(async move {
+                match tokio::time::timeout(check, conn.ping()).await {
+                    Ok(answer) => answer.map(|()| true),
+                    Err(_) => Err(sqlx::Error::PoolTimedOut),
+                }
+            })
+        })
         .connect_lazy_with(options))
 }
 

@@ -4,14 +4,14 @@
 //! SQL (`"segment"."track"`) and the table and column names are the same as on PostgreSQL.
 //! Each connection's main database is a private in-memory one that holds nothing.
 
-use std::time::Duration;
-
 use chrono::{DateTime, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
-use sqlx::{AssertSqlSafe, Executor, Sqlite, SqliteConnection, SqlitePool, Transaction};
+use sqlx::{
+    AssertSqlSafe, Connection, Executor, Sqlite, SqliteConnection, SqlitePool, Transaction,
+};
 
 use super::plan::TableRows;
-use super::{Failure, LoadError, Rejected, on_conflict_sql};
+use super::{Failure, LoadError, Rejected, Timeouts, on_conflict_sql};
 use crate::json;
 use crate::normalize::{SqlValue, format_timestamp};
 use crate::schema::{
@@ -32,16 +32,32 @@ pub(super) fn path_of(url: &str) -> Option<&str> {
 
 /// A pool whose connections attach the schema file and make it durable: write-ahead log,
 /// `synchronous = FULL` (a commit survives power loss, as an acknowledgement promises).
-pub(super) fn pool(path: &str, schema: &str, connections: u32) -> Result<SqlitePool, LoadError> {
+/// A statement waits up to the statement timeout for another process's lock.
+pub(super) fn pool(
+    path: &str,
+    schema: &str,
+    connections: u32,
+    timeouts: Timeouts,
+) -> Result<SqlitePool, LoadError> {
     let path = path.to_owned();
     let schema = quote_ident(schema);
     let options = SqliteConnectOptions::new()
         .filename(":memory:")
         .create_if_missing(true)
-        .busy_timeout(Duration::from_secs(10));
+        .busy_timeout(timeouts.statement);
     Ok(SqlitePoolOptions::new()
         .max_connections(connections.max(1))
-        .acquire_timeout(Duration::from_secs(10))
+        .acquire_timeout(timeouts.acquire)
+        // A transaction that SQLite rolled back by itself (a full disk, an I/O error) leaves
+        // the connection's transaction count behind; reused, it would refuse every BEGIN. Such
+        // a connection is closed instead of going back to the pool. The ping runs after any
+        // rollback still queued on the connection, so the count is current.
+        .after_release(|conn, _| {
+            Box::pin(async move {
+                conn.ping().await?;
+                Ok(!conn.is_in_transaction())
+            })
+        })
         .after_connect(move |conn, _| {
             let path = path.clone();
             let schema = schema.clone();

@@ -11,10 +11,12 @@
 //! `/readyz` and the event routes answer 503 with `Retry-After` and the reason.
 //!
 //! Answers: 200 only after the events are committed; 400 with `{"error": ...}` for bad input;
-//! 401 for wrong credentials; 413 for a body over the limit; 501 for a user deletion request;
-//! 503 with `Retry-After` when the database is unavailable or the queue is full.
+//! 401 for wrong credentials; 408 for a body not sent within the body read timeout; 413 for a
+//! body over the limit; 501 for a user deletion request; 503 with `Retry-After` when the
+//! database is unavailable, does not commit within the commit timeout, or the queue is full.
 
 mod auth;
+mod serve;
 mod tracking;
 
 use std::sync::Arc;
@@ -31,6 +33,7 @@ use chrono::Utc;
 use serde_json::{Value, json};
 
 pub use auth::{Auth, Unauthorized, sign};
+pub use serve::{ConnectionLimits, serve};
 pub use tracking::{
     CorsOrigins, Refused, WriteKeys, corrected_timestamp, decode_object, enrich, split_batch,
 };
@@ -64,6 +67,11 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// The largest request body accepted, in bytes.
     pub max_body_bytes: usize,
+    /// Longest a client may take to send a body once its headers are read; then 408.
+    pub body_read_timeout: Duration,
+    /// Longest a request waits for its events' commit; then 503 (the events may still commit
+    /// later, unacknowledged: the sender's retry is an upsert).
+    pub commit_timeout: Duration,
     /// Whether the schema is prepared; events wait for it.
     pub readiness: Readiness,
 }
@@ -145,6 +153,7 @@ fn unavailable(message: impl std::fmt::Display) -> Response {
 #[derive(Debug)]
 enum Refusal {
     TooLarge(usize),
+    SlowBody(Duration),
     Malformed(String),
     Invalid {
         index: Option<usize>,
@@ -161,6 +170,21 @@ impl IntoResponse for Refusal {
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("request body is larger than {limit} bytes"),
             ),
+            Refusal::SlowBody(limit) => {
+                let mut response = error(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!(
+                        "the request body did not arrive within {} ms",
+                        limit.as_millis()
+                    ),
+                );
+                // The rest of the body may still be on its way: the connection cannot carry
+                // another request.
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                response
+            }
             Refusal::Malformed(reason) => {
                 error(StatusCode::BAD_REQUEST, format!("malformed JSON: {reason}"))
             }
@@ -185,11 +209,14 @@ impl IntoResponse for Refusal {
     }
 }
 
-/// Reads a body up to the limit.
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, Refusal> {
-    axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|_| Refusal::TooLarge(limit))
+/// Reads a body up to the size limit, within the body read timeout, so that a client sending
+/// slowly cannot hold a connection and its memory for long.
+async fn read_body(state: &AppState, body: Body) -> Result<Bytes, Refusal> {
+    let limit = state.max_body_bytes;
+    match tokio::time::timeout(state.body_read_timeout, axum::body::to_bytes(body, limit)).await {
+        Ok(read) => read.map_err(|_| Refusal::TooLarge(limit)),
+        Err(_) => Err(Refusal::SlowBody(state.body_read_timeout)),
+    }
 }
 
 /// Splits a body into its events: one object, or the elements of an array, each with the exact
@@ -258,7 +285,7 @@ fn prepare(
 
 async fn webhook(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
     let received_at = Utc::now();
-    let body = match read_body(body, state.max_body_bytes).await {
+    let body = match read_body(&state, body).await {
         Ok(body) => body,
         Err(refusal) => return refusal.into_response(),
     };
@@ -303,7 +330,15 @@ async fn commit(
     let mut outcome = Outcome::default();
     if !records.is_empty() {
         let answer = state.loader.submit(records, received_at)?;
-        outcome = answer.await.unwrap_or(Err(LoadError::ShuttingDown))?;
+        outcome = match tokio::time::timeout(state.commit_timeout, answer).await {
+            Ok(answer) => answer.unwrap_or(Err(LoadError::ShuttingDown))?,
+            Err(_) => {
+                return Err(LoadError::Unavailable(format!(
+                    "the events were not committed within {} ms",
+                    state.commit_timeout.as_millis()
+                )));
+            }
+        };
     }
     for table in &skipped {
         state.metrics.skipped(*table, 1);

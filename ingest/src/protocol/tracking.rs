@@ -211,7 +211,7 @@ async fn decode(
     body: Body,
     route: Route,
 ) -> Result<Vec<Map<String, Value>>, Response> {
-    let body = read_body(body, state.max_body_bytes)
+    let body = read_body(state, body)
         .await
         .map_err(IntoResponse::into_response)?;
     parse(state, headers, body, route).map_err(IntoResponse::into_response)
