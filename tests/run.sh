@@ -5,15 +5,16 @@
 #   1. formatting and lints: cargo fmt --check, cargo clippy -D warnings
 #   2. a throwaway PostgreSQL server (tests/scripts/postgres.sh)
 #   3. a real Kubernetes API server, etcd + kube-apiserver (tests/scripts/kube-apiserver.sh)
-#   4. Segment's Python and Node libraries, for the Tracking API tests (tests/scripts/clients.sh)
-#   5. helm and kubectl for the chart tests (tests/scripts/helm.sh)
-#   6. cargo test for the whole workspace: unit tests and the integration tests in tests/
-#   7. each fuzz target for 30 s (tests/fuzz.sh; cargo-fuzz from crates.io, the nightly toolchain)
-#   8. the kind end-to-end check, tests/kind/e2e.sh: Docker, images, a kind cluster, the chart and
+#   4. Toxiproxy, a TCP proxy that cuts connections on command (tests/scripts/toxiproxy.sh)
+#   5. Segment's Python and Node libraries, for the Tracking API tests (tests/scripts/clients.sh)
+#   6. helm and kubectl for the chart tests (tests/scripts/helm.sh)
+#   7. cargo test for the whole workspace: unit tests and the integration tests in tests/
+#   8. each fuzz target for 30 s (tests/fuzz.sh; cargo-fuzz from crates.io, the nightly toolchain)
+#   9. the kind end-to-end check, tests/kind/e2e.sh: Docker, images, a kind cluster, the chart and
 #      the user's scenario (it starts and stops its own dockerd and cluster)
 #
-# What is built or installed on the way (kube-apiserver, etcd, the client libraries, helm,
-# cargo-fuzz, the kind node image) is cached in tools/, which git ignores.
+# What is built or installed on the way (kube-apiserver, etcd, toxiproxy, the client libraries,
+# helm, cargo-fuzz, the kind node image) is cached in tools/, which git ignores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=tests/scripts/servers.sh
@@ -31,6 +32,9 @@ start_postgres
 
 step "Kubernetes API server"
 start_kube
+
+step "Toxiproxy (Go module)"
+start_toxiproxy
 
 step "Segment's official libraries (PyPI, npm)"
 eval "$(bash tests/scripts/clients.sh)"

@@ -5,6 +5,7 @@
 #   servers_begin NAME     make the run folder and the exit trap
 #   start_postgres         start PostgreSQL, export SLUICE_TEST_POSTGRES_URL
 #   start_kube             build (once) and start etcd + kube-apiserver, export SLUICE_TEST_KUBECONFIG*
+#   start_toxiproxy        build (once) and start Toxiproxy, export SLUICE_TEST_TOXIPROXY_URL
 
 servers_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 
@@ -17,6 +18,7 @@ servers_begin() {
 
 servers_end() {
   local status=$?
+  bash "$servers_root/tests/scripts/toxiproxy.sh" stop "$servers_dir/toxiproxy" || true
   bash "$servers_root/tests/scripts/kube-apiserver.sh" stop "$servers_dir/kube" || true
   bash "$servers_root/tests/scripts/postgres.sh" stop "$servers_dir/postgres" || true
   rm -rf "$servers_dir"
@@ -34,4 +36,10 @@ start_kube() {
   bash "$servers_root/tests/scripts/kube-apiserver.sh" start "$servers_dir/kube"
   # shellcheck source=/dev/null
   source "$servers_dir/kube/env"
+}
+
+start_toxiproxy() {
+  bash "$servers_root/tests/scripts/toxiproxy.sh" start "$servers_dir/toxiproxy" 0
+  # shellcheck source=/dev/null
+  source "$servers_dir/toxiproxy/env"
 }

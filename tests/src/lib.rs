@@ -1,10 +1,11 @@
 //! Test support for Sluice's integration tests: access to the real servers that the test command
-//! (`tests/run.sh`) starts, PostgreSQL and a Kubernetes API server, and ways to run the ingest
-//! service against them.
+//! (`tests/run.sh`) starts, PostgreSQL, a Kubernetes API server and a fault-injecting proxy, and
+//! ways to run the ingest service against them.
 
 pub mod ingest;
 pub mod kube;
 pub mod postgres;
+pub mod toxiproxy;
 
 /// Defines, for each named scenario `async fn NAME(backend: Backend)` of the calling test file, a
 /// test `postgres::NAME` and a test `sqlite::NAME`: the same behaviour proven on both databases.
