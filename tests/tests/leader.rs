@@ -146,8 +146,10 @@ fn check_no_overlap(writes: &[Write], gap: Duration) -> Result<Vec<String>, Stri
     let terms: Vec<String> = runs.iter().map(|run| run[0].term.clone()).collect();
     for (i, term) in terms.iter().enumerate() {
         if terms[..i].contains(term) {
+            let shown = &terms[..terms.len().min(i + 1)];
             return Err(format!(
-                "term {term} wrote again after another term had written: {terms:?}"
+                "term {term} wrote again after another term had written; writers in order: \
+                 {shown:?}"
             ));
         }
     }
