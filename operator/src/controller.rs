@@ -225,6 +225,7 @@ pub async fn run_gated(
     gate: Gate,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
+    metrics.follow(gate.clone());
     let namespace = config.namespace.clone();
     let ns = namespace.as_deref();
     let context = Arc::new(Context::new(client.clone(), config, metrics, gate));

@@ -328,6 +328,11 @@ impl Gate {
         }
     }
 
+    /// A gate that is closed for good: a term that is over.
+    pub fn ended() -> Gate {
+        Gate::new(Term::Ended)
+    }
+
     fn update(&self, change: impl FnOnce(Term) -> Term) -> Term {
         let mut term = self.term.lock().unwrap_or_else(PoisonError::into_inner);
         *term = change(*term);
@@ -853,7 +858,6 @@ mod tests {
     #[test]
     fn the_unconditional_gate_is_open() {
         assert!(Gate::unconditional().is_leading());
-        let gate = Gate::new(Term::Ended);
-        assert!(!gate.is_leading());
+        assert!(!Gate::ended().is_leading());
     }
 }
