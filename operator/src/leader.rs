@@ -315,11 +315,9 @@ pub struct Gate {
 impl Gate {
     /// A gate that is always open: for a single replica run without leader election.
     pub fn unconditional() -> Gate {
-        Gate {
-            term: Arc::new(Mutex::new(Term::Leading {
-                until: Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600),
-            })),
-        }
+        Gate::new(Term::Leading {
+            until: Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600),
+        })
     }
 
     fn new(term: Term) -> Gate {
@@ -536,11 +534,13 @@ pub async fn acquire(client: Client, settings: Settings) -> Leadership {
 /// has not succeeded by the renew deadline, or someone else holds the Lease.
 async fn renew(mut elector: Elector, gate: Gate, tell: watch::Sender<bool>) {
     let timing = elector.settings.timing;
-    loop {
-        tokio::time::sleep(timing.retry_period).await;
-        let Term::Leading { until } = gate.update(|term| term) else {
+    while let Term::Leading { until } = gate.update(|term| term) {
+        // Wake at the deadline too, so the loss is told as it happens (the gate has closed by
+        // itself; this stops the controller).
+        tokio::time::sleep_until((Instant::now() + timing.retry_period).min(until)).await;
+        if Instant::now() >= until {
             break;
-        };
+        }
         match tokio::time::timeout_at(until, elector.attempt()).await {
             Ok(Ok(Attempt::Held(sent))) => {
                 if gate.update(|term| term.renewed(sent, &timing, Instant::now())) == Term::Ended {
@@ -551,13 +551,14 @@ async fn renew(mut elector: Elector, gate: Gate, tell: watch::Sender<bool>) {
                 tracing::error!(lease = %elector.settings.name, "another replica holds the Lease");
                 break;
             }
+            // Someone else wrote the Lease since we read it; the next look tells who holds it.
             Ok(Ok(Attempt::Conflict)) => {}
             Ok(Err(error)) => tracing::warn!(%error, "cannot renew the Lease"),
-            Err(_) => break,
+            Err(_) => tracing::warn!("the Lease did not answer before the renew deadline"),
         }
     }
     gate.update(|_| Term::Ended);
-    tracing::error!(lease = %elector.settings.name, "lost the Lease: not renewed within the renew deadline");
+    tracing::error!(lease = %elector.settings.name, identity = %elector.settings.identity, "lost the Lease; stopping");
     let _ = tell.send(true);
 }
 
