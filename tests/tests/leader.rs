@@ -41,7 +41,9 @@ fn timing() -> Timing {
     Timing::new(LEASE_DURATION, RENEW_DEADLINE, RETRY_PERIOD).expect("valid timing")
 }
 
-/// The least time between one replica's last write and another replica's first.
+/// The least time between one replica's last write and another replica's first: the leader's
+/// last write leaves before its last successful renewal was sent plus the renew deadline; the other
+/// replica saw that renewal after it was sent, and waits the lease duration from then.
 fn handover_gap() -> Duration {
     LEASE_DURATION - RENEW_DEADLINE
 }
@@ -446,6 +448,8 @@ async fn partitioned_leader_stops_writing_before_the_other_replica_starts() {
         a_last > partitioned,
         "a's controller kept writing after the Lease connection was cut"
     );
+    // a's last successful renewal was sent before `partitioned`, so its fence closed before
+    // `partitioned + RENEW_DEADLINE`; a write is recorded just after passing the fence.
     assert!(
         a_last < partitioned + RENEW_DEADLINE,
         "a's last write left {:?} after the partition, beyond the renew deadline {RENEW_DEADLINE:?}",
