@@ -7,8 +7,9 @@
 #   3. a real Kubernetes API server, etcd + kube-apiserver (tests/scripts/kube-apiserver.sh)
 #   4. Segment's Python and Node libraries, for the Tracking API tests (tests/scripts/clients.sh)
 #   5. helm and kubectl for the chart tests (tests/scripts/helm.sh)
-#   5b. for the fault tests: Toxiproxy (tests/scripts/toxiproxy.sh, from the Go module proxy) and
-#      e2fsprogs; they mount small tmpfs and loop ext4 filesystems, so they need root
+#   5b. for the fault and leader-election tests: Toxiproxy (tests/scripts/toxiproxy.sh, from the
+#      Go module proxy; each test starts its own server) and e2fsprogs (the fault tests mount
+#      small tmpfs and loop ext4 filesystems, so they need root)
 #   6. cargo test for the whole workspace: unit tests and the integration tests in tests/
 #   7. each fuzz target for 30 s (tests/fuzz.sh; cargo-fuzz from crates.io, the nightly toolchain)
 #   8. the kind end-to-end check, tests/kind/e2e.sh: Docker, images, a kind cluster, the chart and

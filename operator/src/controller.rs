@@ -31,6 +31,7 @@ use tracing::Instrument;
 use crate::build::{self, BuildError, Inputs};
 use crate::crd::{DeletionPolicy, SegmentIntegration};
 use crate::destination;
+use crate::leader::{Gate, NotLeading};
 use crate::metrics::Metrics;
 use crate::status::{self, Observation, Observed, Reason};
 use sluice_ingest::event::Table;
@@ -104,13 +105,16 @@ pub enum Error {
     /// Adding or removing the finalizer, or the step it wraps, failed.
     #[error(transparent)]
     Finalizer(Box<kube::runtime::finalizer::Error<Error>>),
+    /// This replica lost the leader Lease; the warehouse was left alone.
+    #[error(transparent)]
+    NotLeading(#[from] NotLeading),
 }
 
 impl Error {
     /// The kind of failure, for the `reconcile_failures` metric's `category` label and the
     /// Warning Event: `kubernetes` (an API request), `spec` (the object cannot be built),
-    /// `credentials`, `destination` (the warehouse), `cleanup` (the deletion policy) or
-    /// `finalizer`.
+    /// `credentials`, `destination` (the warehouse), `cleanup` (the deletion policy),
+    /// `leadership` (this replica lost the Lease) or `finalizer`.
     pub fn category(&self) -> &'static str {
         use kube::runtime::finalizer::Error as F;
         match self {
@@ -119,6 +123,7 @@ impl Error {
             Error::Random(_) => "credentials",
             Error::Destination { .. } => "destination",
             Error::Cleanup { .. } => "cleanup",
+            Error::NotLeading(_) => "leadership",
             Error::Finalizer(inner) => match inner.as_ref() {
                 F::ApplyFailed(error) | F::CleanupFailed(error) => error.category(),
                 F::AddFinalizer(_) | F::RemoveFinalizer(_) => "kubernetes",
@@ -141,13 +146,16 @@ pub struct Context {
     config: Config,
     recorder: Recorder,
     metrics: Arc<Metrics>,
+    /// Open while this replica may act; checked before the warehouse is written (the Kubernetes
+    /// writes are checked by the client itself, see [`Gate::fence`]).
+    gate: Gate,
     /// Consecutive failures per object, for the backoff.
     failures: Mutex<HashMap<ObjectRef<SegmentIntegration>, u32>>,
 }
 
 impl Context {
-    /// A context for `client` and `config`.
-    pub fn new(client: Client, config: Config, metrics: Arc<Metrics>) -> Self {
+    /// A context for `client` and `config`, acting while `gate` is open.
+    pub fn new(client: Client, config: Config, metrics: Arc<Metrics>, gate: Gate) -> Self {
         let reporter = Reporter {
             controller: FIELD_MANAGER.to_owned(),
             instance: config.instance.clone(),
@@ -157,7 +165,19 @@ impl Context {
             client,
             config,
             metrics,
+            gate,
             failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Fails with [`NotLeading`] unless this replica may act now: the check before writes that
+    /// do not go through the fenced client (the warehouse's). It is made when such a write
+    /// begins; a database statement already running when the deadline passes is not cut short.
+    fn ensure_leading(&self) -> Result<(), NotLeading> {
+        if self.gate.is_leading() {
+            Ok(())
+        } else {
+            Err(NotLeading)
         }
     }
 
@@ -217,16 +237,29 @@ where
 /// Runs the controller until `shutdown` resolves: watches `SegmentIntegration`s (in
 /// `config.namespace`, or everywhere) and the children it owns, so that a child changed or
 /// deleted by hand is put back, and the destination Secrets they name, so that creating a
-/// missing one takes effect at once.
+/// missing one takes effect at once. For a single replica: no leader election.
 pub async fn run(
     client: Client,
     config: Config,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
+    run_gated(client, config, metrics, Gate::unconditional(), shutdown).await;
+}
+
+/// [`run`] for a leader: writes to the warehouse only while `gate` is open. `client` must be
+/// fenced by the same gate ([`Gate::fence`]); [`crate::leader::lead`] gives both.
+pub async fn run_gated(
+    client: Client,
+    config: Config,
+    metrics: Arc<Metrics>,
+    gate: Gate,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    metrics.follow(gate.clone());
     let namespace = config.namespace.clone();
     let ns = namespace.as_deref();
-    let context = Arc::new(Context::new(client.clone(), config, metrics));
+    let context = Arc::new(Context::new(client.clone(), config, metrics, gate));
     let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=sluice-operator");
     let controller = Controller::new(
         scoped::<SegmentIntegration>(&client, ns),
@@ -367,6 +400,8 @@ async fn apply(si: &SegmentIntegration, ctx: &Context) -> Result<Action, Error> 
     // Build every object first: a resource that cannot be built changes nothing.
     let desired = build::desired(si, &inputs)?;
     let deployment = apply_children(si, ctx, namespace, desired).await?;
+    // The warehouse is not behind the Kubernetes client's fence: check leadership first.
+    ctx.ensure_leading()?;
     let schema_ready = ensure_destination(si, refs, &inputs.schema).await;
     let observed = Observed {
         generation: si.metadata.generation,
@@ -587,6 +622,8 @@ async fn cleanup(si: &SegmentIntegration, ctx: &Context) -> Result<Action, Error
                 let url =
                     destination::url(&ctx.client, namespace, &si.spec.destination.url_secret_ref)
                         .await?;
+                ctx.ensure_leading()
+                    .map_err(|error| Observation::failed(Reason::NotLeading, error.to_string()))?;
                 destination::drop_owned(&url, &schema, &owner).await
             }
             .await;

@@ -23,7 +23,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the controller until SIGTERM or Ctrl-C.
-    Run(Run),
+    Run(Box<Run>),
     /// Print the SegmentIntegration CustomResourceDefinition as YAML.
     Crd,
 }
@@ -46,6 +46,18 @@ struct Run {
     /// Name of the leader Lease.
     #[arg(long, env = "SLUICE_LEASE_NAME", default_value = "sluice-operator")]
     lease_name: String,
+    /// How long a candidate waits, after it last saw the Lease change, before taking it over
+    /// (client-go's LeaseDuration), e.g. 15s.
+    #[arg(long, env = "SLUICE_LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
+    lease_duration: Duration,
+    /// How long the leader keeps reconciling after its last successful renewal was sent; shorter
+    /// than the lease duration (client-go's RenewDeadline), e.g. 10s.
+    #[arg(long, env = "SLUICE_LEASE_RENEW_DEADLINE", default_value = "10s", value_parser = humantime::parse_duration)]
+    lease_renew_deadline: Duration,
+    /// How often the leader renews and a candidate looks at the Lease; shorter than the renew
+    /// deadline (client-go's RetryPeriod), e.g. 2s.
+    #[arg(long, env = "SLUICE_LEASE_RETRY_PERIOD", default_value = "2s", value_parser = humantime::parse_duration)]
+    lease_retry_period: Duration,
     /// Log filter (tracing's EnvFilter syntax), e.g. info or sluice_operator=debug.
     #[arg(long, env = "SLUICE_LOG", default_value = "info")]
     log: String,
@@ -65,12 +77,25 @@ async fn main() -> ExitCode {
                 )
                 .with_writer(std::io::stderr)
                 .init();
-            serve(run).await
+            serve(*run).await
         }
     }
 }
 
 async fn serve(run: Run) -> ExitCode {
+    let timing = match leader::Timing::new(
+        run.lease_duration,
+        run.lease_renew_deadline,
+        run.lease_retry_period,
+    ) {
+        Ok(timing) => timing,
+        Err(error) => {
+            tracing::error!(
+                "invalid --lease-duration, --lease-renew-deadline or --lease-retry-period: {error}"
+            );
+            return ExitCode::FAILURE;
+        }
+    };
     let client = match kube::Client::try_default().await {
         Ok(client) => client,
         Err(error) => {
@@ -114,29 +139,23 @@ async fn serve(run: Run) -> ExitCode {
             .unwrap_or_else(|| client.default_namespace().to_owned()),
         name: run.lease_name,
         identity,
-        duration: Duration::from_secs(15),
+        timing,
     };
-    let leadership = tokio::select! {
-        leadership = leader::acquire(client.clone(), settings) => leadership,
-        () = shutdown_signal() => return ExitCode::SUCCESS,
-    };
-    let lost = leadership.lost();
-    let check_lost = leadership.lost();
-    controller::run(client, config, metrics, async move {
-        tokio::select! {
-            () = shutdown_signal() => {},
-            () = lost => {},
-        }
-    })
+    let ended = leader::lead(
+        client.clone(),
+        client,
+        settings,
+        shutdown_signal(),
+        |client, gate, shutdown| controller::run_gated(client, config, metrics, gate, shutdown),
+    )
     .await;
-    // Lost rather than asked to stop: exit non-zero so the pod restarts as a candidate.
-    let lost_lease = futures::FutureExt::now_or_never(check_lost).is_some();
-    leadership.release().await;
-    if lost_lease {
-        tracing::error!("stopped because the leader Lease was lost");
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
+    match ended {
+        leader::Ended::Shutdown => ExitCode::SUCCESS,
+        // Exit non-zero so the pod restarts as a candidate.
+        leader::Ended::Lost => {
+            tracing::error!("stopped because the leader Lease was lost");
+            ExitCode::FAILURE
+        }
     }
 }
 

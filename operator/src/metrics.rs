@@ -1,7 +1,7 @@
 //! What the operator measures, and the small HTTP server that shows it: `GET /healthz` (200
 //! while the process runs) and `GET /metrics` (Prometheus text, `sluice_operator_` prefix).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::Router;
@@ -11,8 +11,11 @@ use axum::routing::get;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+use crate::leader::Gate;
 
 /// The operator's metrics.
 #[derive(Debug)]
@@ -21,12 +24,17 @@ pub struct Metrics {
     reconciles: Counter,
     failures: Family<FailureLabels, Counter>,
     duration: Histogram,
+    leader: Gauge,
+    /// The gate of the controller that runs, if one does: the `leader` gauge is read from it
+    /// when the metrics are rendered, so it drops at the renew deadline itself.
+    gate: Mutex<Option<Gate>>,
 }
 
 /// The label of a failed reconcile: its error's category (`controller::Error::category`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct FailureLabels {
-    /// `kubernetes`, `spec`, `credentials`, `destination`, `cleanup` or `finalizer`.
+    /// `kubernetes`, `spec`, `credentials`, `destination`, `cleanup`, `leadership` or
+    /// `finalizer`.
     pub category: &'static str,
 }
 
@@ -52,11 +60,20 @@ impl Default for Metrics {
             "How long a reconcile took",
             duration.clone(),
         );
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this replica runs the controller and may write (it holds the leader Lease \
+             and renewed it within the renew deadline), else 0",
+            leader.clone(),
+        );
         Metrics {
             registry,
             reconciles,
             failures,
             duration,
+            leader,
+            gate: Mutex::new(None),
         }
     }
 }
@@ -75,8 +92,20 @@ impl Metrics {
             .inc();
     }
 
+    /// Follows `gate` in the `leader` gauge: the controller runs while it is open.
+    pub fn follow(&self, gate: Gate) {
+        *self.gate.lock().unwrap_or_else(PoisonError::into_inner) = Some(gate);
+    }
+
     /// The metrics in the OpenMetrics text format.
     pub fn render(&self) -> String {
+        let leading = self
+            .gate
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .is_some_and(Gate::is_leading);
+        self.leader.set(i64::from(leading));
         sluice_ingest::metrics::encode(&self.registry)
     }
 }
@@ -124,5 +153,15 @@ mod tests {
             text.contains("sluice_operator_reconcile_duration_seconds_count 2"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn the_leader_gauge_follows_the_gate() {
+        let metrics = Metrics::default();
+        assert!(metrics.render().contains("sluice_operator_leader 0"));
+        metrics.follow(Gate::unconditional());
+        assert!(metrics.render().contains("sluice_operator_leader 1"));
+        metrics.follow(Gate::ended());
+        assert!(metrics.render().contains("sluice_operator_leader 0"));
     }
 }

@@ -67,6 +67,8 @@ pub enum Reason {
     TablesDropped,
     /// `Drop` could not be carried out.
     DropSchemaFailed,
+    /// This replica lost the leader Lease before touching the warehouse.
+    NotLeading,
     /// A reconcile failed for a reason no condition reports (see `controller::Error::category`).
     ReconcileFailed,
 }

@@ -114,26 +114,49 @@ fn env_var(var: &'static str) -> Result<String, Error> {
 }
 
 async fn client_from_env(var: &'static str) -> Result<Client, Error> {
+    let config = config_from_env(var).await?;
+    let path = PathBuf::from(env_var(var)?);
+    Client::try_from(config).map_err(|source| Error::Client { path, source })
+}
+
+async fn config_from_env(var: &'static str) -> Result<Config, Error> {
     let path = PathBuf::from(env_var(var)?);
     let kubeconfig = Kubeconfig::read_from(&path).map_err(|source| Error::Kubeconfig {
         var,
         path: path.clone(),
         source,
     })?;
-    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+    Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
-        .map_err(|source| Error::Kubeconfig {
-            var,
-            path: path.clone(),
-            source,
-        })?;
-    Client::try_from(config).map_err(|source| Error::Client { path, source })
+        .map_err(|source| Error::Kubeconfig { var, path, source })
 }
 
 /// A client with every right (group `system:masters`), for setting up what a test needs and for
 /// checking what the code under test did.
 pub async fn admin_client() -> Result<Client, Error> {
     client_from_env(ADMIN_KUBECONFIG_ENV).await
+}
+
+/// The `host:port` of the API server, as a TCP proxy in front of it needs it.
+pub async fn api_server_address() -> Result<String, Error> {
+    let config = config_from_env(ADMIN_KUBECONFIG_ENV).await?;
+    let uri = &config.cluster_url;
+    Ok(format!(
+        "{}:{}",
+        uri.host().unwrap_or("127.0.0.1"),
+        uri.port_u16().unwrap_or(443)
+    ))
+}
+
+/// An admin client that reaches the API server through `proxy` (a TCP proxy in front of
+/// [`api_server_address`]). TLS passes through: the server's certificate names 127.0.0.1.
+pub async fn admin_client_via(proxy: std::net::SocketAddr) -> Result<Client, Error> {
+    let mut config = config_from_env(ADMIN_KUBECONFIG_ENV).await?;
+    let path = PathBuf::from(env_var(ADMIN_KUBECONFIG_ENV)?);
+    config.cluster_url = format!("https://{proxy}")
+        .parse()
+        .expect("a socket address makes a valid URI");
+    Client::try_from(config).map_err(|source| Error::Client { path, source })
 }
 
 /// A client of the restricted identity ([`restricted_user`]): RBAC forbids it everything until a

@@ -1,6 +1,6 @@
 //! Test support for Sluice's integration tests: access to the real servers that the test command
-//! (`tests/run.sh`) starts, PostgreSQL and a Kubernetes API server, and ways to run the ingest
-//! service against them.
+//! (`tests/run.sh`) starts, PostgreSQL, a Kubernetes API server and a fault-injecting proxy, and
+//! ways to run the ingest service against them.
 
 pub mod filesystem;
 pub mod ingest;

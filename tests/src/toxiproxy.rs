@@ -1,6 +1,9 @@
 //! A Toxiproxy server of one test's own (`tests/scripts/toxiproxy.sh`), driven through its HTTP
-//! API: a proxy between the service and its database, and the network faults ("toxics") added
-//! to it and removed again.
+//! API: proxies between the code under test and a server (the ingest and its database, an
+//! operator and the API server), and the network faults ("toxics") added to them and removed
+//! again.
+
+use std::net::SocketAddr;
 
 use serde_json::{Value, json};
 
@@ -77,7 +80,46 @@ impl Drop for Toxiproxy {
     }
 }
 
+/// The names of the two toxics that make a partition, one per direction.
+const PARTITION: [(&str, &str); 2] = [
+    ("partition-upstream", "upstream"),
+    ("partition-downstream", "downstream"),
+];
+
 impl Proxy {
+    /// [`Proxy::listen`] as a socket address.
+    pub fn address(&self) -> SocketAddr {
+        self.listen.parse().expect("127.0.0.1:PORT")
+    }
+
+    /// Cuts the connection both ways without closing it, as a network partition does: bytes sent
+    /// either way are dropped (Toxiproxy's `timeout` toxic with timeout 0), on the connections
+    /// that are open and on new ones, until [`Proxy::heal`].
+    pub async fn partition(&self) {
+        for (toxic, stream) in PARTITION {
+            self.add(toxic, "timeout", stream, json!({"timeout": 0}))
+                .await;
+        }
+    }
+
+    /// Ends a partition, if there is one: new bytes flow again (what was dropped stays lost).
+    pub async fn heal(&self) {
+        for (toxic, _) in PARTITION {
+            let response = self
+                .client
+                .delete(format!("{}/toxics/{toxic}", self.url))
+                .send()
+                .await
+                .expect("toxiproxy answers");
+            // 404: not partitioned in this direction, nothing to heal.
+            assert!(
+                response.status().is_success() || response.status() == 404,
+                "heal {toxic}: {}",
+                response.text().await.unwrap_or_default()
+            );
+        }
+    }
+
     /// Adds the toxic `name` of `kind` (`latency`, `timeout`, `reset_peer`, `bandwidth`,
     /// `slicer`, ...) on the `downstream` or `upstream` direction, with its attributes.
     pub async fn add(&self, name: &str, kind: &str, stream: &str, attributes: Value) {

@@ -667,7 +667,7 @@ async fn operator_with_the_chart_rbac_reconciles_an_integration_completely() {
                 namespace: ns.clone(),
                 name: "sluice-operator".to_owned(),
                 identity: "chart".to_owned(),
-                duration: Duration::from_secs(3),
+                timing: leader::Timing::default(),
             },
         ),
     )

@@ -26,7 +26,7 @@ use sluice_ingest::protocol::sign;
 use sluice_operator::crd::{
     Condition, ConditionStatus, DISPLAY_NAME_IMMUTABLE_MESSAGE, SCHEMA_IMMUTABLE_MESSAGE,
 };
-use sluice_operator::leader::{self, Settings};
+use sluice_operator::leader::{self, Settings, Timing};
 use sluice_operator::metrics::{self, Metrics};
 use sluice_operator::{SegmentIntegration, controller};
 use sluice_tests::ingest::Process;
@@ -1141,6 +1141,16 @@ async fn ingest_started_as_the_deployment_says_loads_a_signed_webhook() {
     assert!(process.wait().await, "sluice-ingest exits 0 on SIGTERM");
 }
 
+/// Leader election timing for tests: short, in client-go's proportions.
+fn short_timing() -> Timing {
+    Timing::new(
+        Duration::from_secs(3),
+        Duration::from_secs(2),
+        Duration::from_millis(500),
+    )
+    .expect("valid timing")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_lease_is_held_by_one_replica_at_a_time() {
     let client = admin_client().await.expect("admin client");
@@ -1151,7 +1161,7 @@ async fn leader_lease_is_held_by_one_replica_at_a_time() {
         namespace: namespace.name().to_owned(),
         name: "sluice-operator".to_owned(),
         identity: identity.to_owned(),
-        duration: Duration::from_secs(3),
+        timing: short_timing(),
     };
     let first = leader::acquire(client.clone(), settings("first")).await;
     let waiting = tokio::spawn(leader::acquire(client.clone(), settings("second")));
@@ -1305,7 +1315,7 @@ async fn operator_needs_no_more_than_its_rbac_rules() {
                 namespace,
                 name: "sluice-operator".to_owned(),
                 identity: "restricted".to_owned(),
-                duration: Duration::from_secs(3),
+                timing: short_timing(),
             },
         ),
     )
