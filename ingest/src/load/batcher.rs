@@ -261,7 +261,7 @@ async fn write_batch<W: Writer>(
     mut batch: Vec<Job>,
     metrics: Arc<Metrics>,
     commit_timeout: Duration,
-    _writer: OwnedSemaphorePermit,
+    _busy: OwnedSemaphorePermit,
 ) {
     // Each job's records, to tell it which of them the database refused.
     let keys: Vec<Vec<(Table, String)>> = batch
