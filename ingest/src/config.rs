@@ -257,7 +257,7 @@ mod tests {
     }
 
     #[test]
-    fn flags_parse() {
+    fn flags_select_tables_once_each_and_refuse_unknown_tables_and_empty_batches() {
         let config = Config::try_parse_from([
             "sluice-ingest",
             "--tables",
@@ -273,7 +273,12 @@ mod tests {
         assert_eq!(config.selected_tables(), vec![Table::Alias, Table::Track]);
         assert_eq!(config.max_batch_delay, Duration::from_millis(250));
         assert_eq!(config.max_batch_rows, 50);
-        assert!(Config::try_parse_from(["sluice-ingest", "--tables", "orders"]).is_err());
+        let unknown = Config::try_parse_from(["sluice-ingest", "--tables", "orders"])
+            .expect_err("orders is no table")
+            .to_string();
+        assert!(unknown.contains("alias, group, identify, page, screen, track"), "{unknown}");
+        let defaults = Config::try_parse_from(["sluice-ingest"]).expect("defaults");
+        assert_eq!(defaults.selected_tables(), Table::DEFAULT.to_vec());
         assert!(Config::try_parse_from(["sluice-ingest", "--max-batch-rows", "0"]).is_err());
     }
 }

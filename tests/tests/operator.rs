@@ -1,4 +1,4 @@
-//! The operator against a real API server and a real PostgreSQL (issue 4): each test runs the
+//! The operator against a real API server and a real PostgreSQL: each test runs the
 //! controller in-process, watching a namespace of the test's own, and checks what it made in the
 //! API server and in the warehouse.
 //!
@@ -6,7 +6,6 @@
 //! status as the controller manager would), and owner references are never garbage-collected
 //! (deletion is proven through the operator's finalizer).
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,29 +18,26 @@ use k8s_openapi::api::rbac::v1::{ClusterRole, RoleBinding, RoleRef, Subject};
 use kube::api::{
     ApiResource, DeleteParams, DynamicObject, ObjectMeta, Patch, PatchParams, PostParams,
 };
-use kube::{Api, Client, CustomResourceExt};
+use kube::{Api, Client};
 use serde_json::{Value, json};
 use sluice_ingest::load::Warehouse;
 use sluice_ingest::protocol::sign;
 use sluice_operator::crd::{
-    Condition, ConditionStatus, DISPLAY_NAME_IMMUTABLE_MESSAGE, SCHEMA_IMMUTABLE_MESSAGE,
+    ConditionStatus, DISPLAY_NAME_IMMUTABLE_MESSAGE, SCHEMA_IMMUTABLE_MESSAGE,
 };
 use sluice_operator::leader::{self, Settings, Timing};
 use sluice_operator::metrics::{self, Metrics};
 use sluice_operator::{SegmentIntegration, controller};
 use sluice_tests::ingest::Process;
 use sluice_tests::kube::{
-    TestNamespace, admin_client, namespace_with_crd, put_url_secret, restricted_client,
+    TestNamespace, admin_client, api_status, eventually, put_url_secret, restricted_client,
     restricted_user,
 };
 use sluice_tests::postgres::fresh_database;
 use tokio::sync::oneshot;
 
-/// How long a test waits for the operator. Generous: the machine may be busy building.
-const EVENTUAL: Duration = Duration::from_secs(90);
-
-/// The image the test operator puts in Deployments (nothing pulls it here).
-const IMAGE: &str = "sluice-ingest:test";
+mod support;
+use support::{IMAGE, condition, integration, report_pods_available, run_operator};
 
 /// A namespace of the test's own with the CRD in place and the operator watching it. The
 /// operator stops when this is dropped.
@@ -55,17 +51,8 @@ struct Harness {
 impl Harness {
     async fn start(prefix: &str) -> Harness {
         let client = admin_client().await.expect("admin client");
-        let namespace = Self::namespace(&client, prefix).await;
+        let namespace = support::namespace(&client, prefix).await;
         Self::start_operator(client.clone(), client, namespace, prefix)
-    }
-
-    /// A namespace of the test's own, with the CRD applied.
-    async fn namespace(client: &Client, prefix: &str) -> String {
-        namespace_with_crd(client, &SegmentIntegration::crd(), prefix)
-            .await
-            .expect("the SegmentIntegration CRD is Established and the namespace created")
-            .name()
-            .to_owned()
     }
 
     /// Runs the operator with `operator_client`; the test acts with `client`.
@@ -75,22 +62,13 @@ impl Harness {
         namespace: String,
         prefix: &str,
     ) -> Harness {
-        let (stop, stopped) = oneshot::channel::<()>();
-        let config = controller::Config {
-            namespace: Some(namespace.clone()),
-            ingest_image: IMAGE.to_owned(),
-            instance: Some(format!("test-{prefix}")),
-            concurrency: 4,
-        };
         let metrics = Arc::new(Metrics::default());
-        tokio::spawn(controller::run(
+        let stop = run_operator(
             operator_client,
-            config,
+            &namespace,
+            &format!("test-{prefix}"),
             metrics.clone(),
-            async move {
-                let _ = stopped.await;
-            },
-        ));
+        );
         Harness {
             client,
             namespace,
@@ -151,52 +129,6 @@ impl Harness {
             (found.status == status).then_some(si)
         })
         .await
-    }
-}
-
-fn integration(name: &str, spec: Value) -> SegmentIntegration {
-    serde_json::from_value(json!({
-        "apiVersion": "sluice.dev/v1alpha1",
-        "kind": "SegmentIntegration",
-        "metadata": {"name": name},
-        "spec": spec,
-    }))
-    .expect("a SegmentIntegration")
-}
-
-fn condition(si: &SegmentIntegration, type_: &str) -> Option<Condition> {
-    si.status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == type_)
-        .cloned()
-}
-
-/// Polls `probe` until it returns `Some`, for at most [`EVENTUAL`].
-async fn eventually<T, F, Fut>(what: &str, mut probe: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + EVENTUAL;
-    loop {
-        if let Some(value) = probe().await {
-            return value;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {EVENTUAL:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// The API error status of a request that must fail.
-fn api_status<T: std::fmt::Debug>(result: Result<T, kube::Error>) -> kube::core::Status {
-    match result {
-        Err(kube::Error::Api(status)) => *status,
-        other => panic!("expected an error answer from the API server, got {other:?}"),
     }
 }
 
@@ -421,14 +353,7 @@ async fn integration_provisions_credentials_deployment_service_schema_and_status
     );
 
     // The controller manager reports pods available: IngestAvailable and Ready follow.
-    h.api::<Deployment>()
-        .patch_status(
-            "shop-ingest",
-            &PatchParams::default(),
-            &Patch::Merge(
-                json!({"status": {"replicas": 2, "readyReplicas": 2, "availableReplicas": 2}}),
-            ),
-        )
+    report_pods_available(&h.api::<Deployment>(), "shop-ingest")
         .await
         .expect("patch the Deployment's status");
     let si = h
@@ -1206,7 +1131,7 @@ async fn leader_lease_is_held_by_one_replica_at_a_time() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_needs_no_more_than_its_rbac_rules() {
     let admin = admin_client().await.expect("admin client");
-    let namespace = Harness::namespace(&admin, "rbac").await;
+    let namespace = support::namespace(&admin, "rbac").await;
     // A ClusterRole with exactly the operator's rules, bound in this namespace only, to the
     // identity that has no other rights.
     let role = ClusterRole {
