@@ -276,7 +276,10 @@ mod tests {
         let unknown = Config::try_parse_from(["sluice-ingest", "--tables", "orders"])
             .expect_err("orders is no table")
             .to_string();
-        assert!(unknown.contains("alias, group, identify, page, screen, track"), "{unknown}");
+        assert!(
+            unknown.contains("alias, group, identify, page, screen, track"),
+            "{unknown}"
+        );
         let defaults = Config::try_parse_from(["sluice-ingest"]).expect("defaults");
         assert_eq!(defaults.selected_tables(), Table::DEFAULT.to_vec());
         assert!(Config::try_parse_from(["sluice-ingest", "--max-batch-rows", "0"]).is_err());

@@ -55,6 +55,15 @@ impl Harness {
         Self::start_operator(client.clone(), client, namespace, prefix)
     }
 
+    /// [`Harness::start`] with a fresh database (`label`) whose URL is in Secret `warehouse`;
+    /// answers the URL too.
+    async fn with_warehouse(prefix: &str, label: &str) -> (Harness, String) {
+        let h = Harness::start(prefix).await;
+        let url = fresh_database(label).await;
+        h.put_url_secret("warehouse", &url).await;
+        (h, url)
+    }
+
     /// Runs the operator with `operator_client`; the test acts with `client`.
     fn start_operator(
         client: Client,
@@ -179,9 +188,7 @@ fn spec_for(secret: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn integration_provisions_credentials_deployment_service_schema_and_status() {
-    let h = Harness::start("provision").await;
-    let url = fresh_database("operator_provision").await;
-    h.put_url_secret("warehouse", &url).await;
+    let (h, url) = Harness::with_warehouse("provision", "operator_provision").await;
     h.create(
         "shop",
         json!({
@@ -421,9 +428,7 @@ async fn integration_provisions_credentials_deployment_service_schema_and_status
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn children_follow_the_spec_and_come_back_when_deleted() {
-    let h = Harness::start("follow").await;
-    let url = fresh_database("operator_follow").await;
-    h.put_url_secret("warehouse", &url).await;
+    let (h, _url) = Harness::with_warehouse("follow", "operator_follow").await;
     let mut spec = spec_for("warehouse");
     spec["exposure"] = json!({"ingress": {"host": "hooks.example.com", "className": "nginx"}});
     h.create("web", spec).await;
@@ -771,9 +776,7 @@ async fn delete_and_wait(h: &Harness, name: &str) {
 /// table the user added later survives, and so does the schema. Only Sluice's tables go.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drop_removes_only_what_sluice_created() {
-    let h = Harness::start("drop-owned").await;
-    let url = fresh_database("operator_drop_owned").await;
-    h.put_url_secret("warehouse", &url).await;
+    let (h, url) = Harness::with_warehouse("drop-owned", "operator_drop_owned").await;
     sluice_tests::postgres::run_as_admin(
         &url,
         "CREATE TABLE public.orders (id int PRIMARY KEY); INSERT INTO public.orders VALUES (7)",
@@ -868,9 +871,7 @@ async fn drop_removes_only_what_sluice_created() {
 /// sharing it, and deleting it with `Drop` leaves the first one's tables and rows alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_integration_on_a_claimed_schema_is_refused() {
-    let h = Harness::start("claimed").await;
-    let url = fresh_database("operator_claimed").await;
-    h.put_url_secret("warehouse", &url).await;
+    let (h, url) = Harness::with_warehouse("claimed", "operator_claimed").await;
     let mut spec = spec_for("warehouse");
     spec["schema"] = json!("shared");
     spec["deletionPolicy"] = json!("Drop");
@@ -932,9 +933,7 @@ async fn deletion_with_retain_keeps_every_row() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_started_as_the_deployment_says_loads_a_signed_webhook() {
-    let h = Harness::start("wiring").await;
-    let url = fresh_database("operator_wiring").await;
-    h.put_url_secret("warehouse", &url).await;
+    let (h, url) = Harness::with_warehouse("wiring", "operator_wiring").await;
     let mut spec = spec_for("warehouse");
     spec["displayName"] = json!("Stitch Segment");
     spec["tables"] = json!(["track", "identify"]);
