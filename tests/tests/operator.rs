@@ -271,7 +271,7 @@ async fn integration_provisions_credentials_deployment_service_schema_and_status
         (uid.as_str(), Some(true))
     );
 
-    // The Deployment, as specified.
+    // The Deployment, owned by the integration and configured for it.
     let deployment = h
         .api::<Deployment>()
         .get("shop-ingest")
@@ -285,8 +285,6 @@ async fn integration_provisions_credentials_deployment_service_schema_and_status
     assert_eq!(deployment.spec.as_ref().and_then(|s| s.replicas), Some(2));
     let c = container(&deployment);
     assert_eq!(c.image.as_deref(), Some(IMAGE));
-    assert_eq!(c.command, Some(vec!["sluice-ingest".to_owned()]));
-    assert_eq!(c.args, None);
     let env: Vec<(String, String)> = c
         .env
         .clone()
@@ -327,20 +325,9 @@ async fn integration_provisions_credentials_deployment_service_schema_and_status
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
     .collect();
     assert_eq!(env, expected);
-    let readiness = c.readiness_probe.clone().expect("readiness probe");
-    assert_eq!(
-        readiness.http_get.expect("http").path.as_deref(),
-        Some("/readyz")
-    );
-    let liveness = c.liveness_probe.clone().expect("liveness probe");
-    assert_eq!(
-        liveness.http_get.expect("http").path.as_deref(),
-        Some("/healthz")
-    );
-    let security = c.security_context.clone().expect("securityContext");
-    assert_eq!(security.run_as_non_root, Some(true));
-    assert_eq!(security.read_only_root_filesystem, Some(true));
-    assert_eq!(security.allow_privilege_escalation, Some(false));
+    // Probes, security context and the rest of the pod are the pure build step's, which
+    // operator/src/build.rs tests; here what matters is that the applied object is wired to this
+    // integration's real UID and Secrets.
 
     // The Service: port 80 to the container's http port, selecting the Deployment's pods.
     let service = h
