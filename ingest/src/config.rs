@@ -8,6 +8,7 @@ use clap::Parser;
 
 use crate::event::Table;
 use crate::load::{LoaderConfig, Owner, Timeouts};
+use crate::selection::{Selection, SelectionError};
 
 /// Receives Segment events over HTTP and loads them into PostgreSQL or SQLite.
 #[derive(Debug, Clone, Parser)]
@@ -45,6 +46,17 @@ pub struct Config {
     /// (Authorization header) for batched delivery.
     #[arg(long, env = "SLUICE_ACCEPT_FIRST_EVENT_SIGNATURES")]
     pub accept_first_event_signatures: bool,
+
+    /// Column selection, as JSON by table ("*" for all): key paths to exclude, to include only,
+    /// to keep as one JSON value, to pseudonymize, and a column budget (maxColumns). `@PATH`
+    /// reads the JSON from a file. See the README's "Column selection".
+    #[arg(long, env = "SLUICE_COLUMN_SELECTION", default_value = "")]
+    pub column_selection: String,
+
+    /// Secret key (at least 16 bytes) of the HMAC-SHA-256 that pseudonymized values are stored
+    /// as; needed when the column selection pseudonymizes anything.
+    #[arg(long, env = "SLUICE_PSEUDONYMIZATION_KEY", hide_env_values = true)]
+    pub pseudonymization_key: Option<String>,
 
     /// Write keys accepted by the HTTP Tracking API (/v1/track, /v1/batch, ...), comma-separated.
     /// With none, the Tracking API accepts any request.
@@ -197,6 +209,17 @@ impl Config {
                 .unwrap_or_else(|| uid.clone()),
             uid,
         })
+    }
+
+    /// The column selection in force: `--column-selection` (inline JSON, or `@PATH`) with the
+    /// pseudonymization key.
+    pub fn selection(&self) -> Result<Selection, SelectionError> {
+        let text = match self.column_selection.strip_prefix('@') {
+            Some(path) => std::fs::read_to_string(path)
+                .map_err(|e| SelectionError::Malformed(format!("cannot read {path}: {e}")))?,
+            None => self.column_selection.clone(),
+        };
+        Selection::parse(&text, self.pseudonymization_key.as_deref())
     }
 
     /// The selected tables, deduplicated and sorted.
