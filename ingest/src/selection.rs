@@ -27,7 +27,7 @@
 use std::collections::BTreeMap;
 
 use hmac::{Hmac, Mac};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 use crate::event::Table;
@@ -142,18 +142,29 @@ impl Pattern {
     }
 }
 
-/// The rules as written for one table (or `*`).
-#[derive(Debug, Clone, Default, Deserialize)]
+/// The column selection rules of one table (or of every table, under `*`), as written: key-path
+/// patterns (keys joined by `.`, `*` for any one key, each matching what is below it too).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RulesSpec {
-    #[serde(default)]
-    exclude: Vec<String>,
-    include: Option<Vec<String>>,
-    #[serde(default)]
-    json: Vec<String>,
-    #[serde(default)]
-    pseudonymize: Vec<String>,
-    max_columns: Option<usize>,
+pub struct ColumnRules {
+    /// Key paths whose values are never loaded (e.g. `context.ip`, `properties.card`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude: Vec<String>,
+    /// When set, only these key paths load, besides the fields every table has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub include: Option<Vec<String>>,
+    /// Key paths stored whole as one JSON value (maps keyed by ids, e.g.
+    /// `properties.experiments`), instead of a column per key.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub json: Vec<String>,
+    /// Key paths stored as the HMAC-SHA-256 of their text under the pseudonymization key.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pseudonymize: Vec<String>,
+    /// The most columns the table may have (at most 1500); later keys go to `_sdc_overflow`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schemars(range(min = 1, max = COLUMN_LIMIT)))]
+    pub max_columns: Option<usize>,
 }
 
 /// What to do with a value at a key path.
@@ -242,7 +253,7 @@ impl Selection {
     /// Parses a selection (the JSON above; empty text is no selection) with the pseudonymization
     /// key, if one is given.
     pub fn parse(text: &str, key: Option<&str>) -> Result<Selection, SelectionError> {
-        let specs: BTreeMap<String, RulesSpec> = if text.trim().is_empty() {
+        let specs: BTreeMap<String, ColumnRules> = if text.trim().is_empty() {
             BTreeMap::new()
         } else {
             serde_json::from_str(text).map_err(|e| SelectionError::Malformed(e.to_string()))?
@@ -287,14 +298,14 @@ impl Selection {
 
 fn table_selection(
     table: Table,
-    all: &RulesSpec,
-    own: &RulesSpec,
+    all: &ColumnRules,
+    own: &ColumnRules,
     key: Option<&[u8]>,
 ) -> Result<TableSelection, SelectionError> {
     let parse = |texts: &[String]| -> Result<Vec<Pattern>, SelectionError> {
         texts.iter().map(|t| Pattern::parse(t)).collect()
     };
-    let both = |pick: fn(&RulesSpec) -> &Vec<String>| -> Result<Vec<Pattern>, SelectionError> {
+    let both = |pick: fn(&ColumnRules) -> &Vec<String>| -> Result<Vec<Pattern>, SelectionError> {
         let mut patterns = parse(pick(all))?;
         patterns.extend(parse(pick(own))?);
         Ok(patterns)

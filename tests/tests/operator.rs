@@ -260,6 +260,7 @@ async fn integration_provisions_credentials_deployment_service_schema_and_status
     let api_key = secret_value(&credentials, "apiKey");
     assert_eq!(shared.len(), 64);
     assert_eq!(api_key.len(), 64);
+    assert_eq!(secret_value(&credentials, "pseudonymizationKey").len(), 64);
     assert_ne!(shared, api_key);
     let owner = &credentials
         .metadata
@@ -309,6 +310,11 @@ async fn integration_provisions_credentials_deployment_service_schema_and_status
             "secret:shop-credentials/sharedSecret",
         ),
         ("SLUICE_API_KEY", "secret:shop-credentials/apiKey"),
+        (
+            "SLUICE_PSEUDONYMIZATION_KEY",
+            "secret:shop-credentials/pseudonymizationKey",
+        ),
+        ("SLUICE_COLUMN_SELECTION", ""),
         ("SLUICE_SCHEMA", "shop_events"),
         ("SLUICE_TABLES", "group,identify,page,screen,track"),
         ("SLUICE_LISTEN", "0.0.0.0:8080"),
@@ -613,6 +619,14 @@ async fn api_server_rejects_schema_changes_and_invalid_values() {
         (
             json!({"loading": {"maxBatchDelay": "2h"}}),
             "spec.loading.maxBatchDelay",
+        ),
+        (
+            json!({"columnSelection": {"orders": {"exclude": ["context.ip"]}}}),
+            "columnSelection is keyed by",
+        ),
+        (
+            json!({"columnSelection": {"track": {"maxColumns": 5000}}}),
+            "maxColumns",
         ),
     ];
     for (i, (extra, expected)) in invalid.into_iter().enumerate() {
