@@ -9,6 +9,7 @@
 //! operator uses [`load::Warehouse`] to create schemas and to drop what it created
 //! ([`load::ownership`]).
 
+pub mod activity;
 pub mod config;
 pub mod event;
 pub mod json;
@@ -17,8 +18,10 @@ pub mod metrics;
 pub mod naming;
 pub mod normalize;
 pub mod protocol;
+pub mod refused;
 pub mod schema;
 pub mod startup;
+pub mod status_page;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -104,6 +107,8 @@ pub async fn run(
         body_read_timeout: config.body_read_timeout,
         commit_timeout: config.commit_timeout(),
         readiness,
+        refusals: Arc::new(refused::RefusalLog::new(config.refused_log_size as usize)),
+        settings: Arc::new(config.shown()),
     });
     tracing::info!(
         listen = %listener.local_addr()?,

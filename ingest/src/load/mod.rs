@@ -186,6 +186,19 @@ impl Rejected {
     }
 }
 
+/// A row of `_sdc_rejected` without the record itself, as the status page lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RejectedRow {
+    /// When the record was set aside.
+    pub rejected_at: DateTime<Utc>,
+    /// The table it was meant for.
+    pub table_name: String,
+    /// Its `message_id`.
+    pub message_id: Option<String>,
+    /// Why the database refused it.
+    pub reason: String,
+}
+
 /// How long the database may keep Sluice waiting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
@@ -324,6 +337,37 @@ impl Warehouse {
             .collect();
         report.sort();
         Ok(report)
+    }
+
+    /// The `limit` most recent rows of `_sdc_rejected`, newest first, without the records
+    /// themselves.
+    pub async fn latest_rejected(&self, limit: u32) -> Result<Vec<RejectedRow>, LoadError> {
+        use crate::schema::{REJECTED, quote_ident};
+        let sql = format!(
+            "{} ORDER BY {} DESC LIMIT {limit}",
+            REJECTED.select_sql(
+                &self.schema,
+                &["_sdc_rejected_at", "table_name", "message_id", "reason"]
+            ),
+            quote_ident("_sdc_rejected_at")
+        );
+        type Row = (DateTime<Utc>, String, Option<String>, String);
+        let rows: Vec<Row> = match &self.pool {
+            Pool::Postgres(pool) => sqlx::query_as(AssertSqlSafe(sql)).fetch_all(pool).await,
+            Pool::Sqlite(pool) => sqlx::query_as(AssertSqlSafe(sql)).fetch_all(pool).await,
+        }
+        .map_err(|e| self.error(e))?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(rejected_at, table_name, message_id, reason)| RejectedRow {
+                    rejected_at,
+                    table_name,
+                    message_id,
+                    reason,
+                },
+            )
+            .collect())
     }
 
     /// Adds the columns an [`Evolution`] asks for, under the schema's DDL lock: names them
