@@ -431,6 +431,60 @@ pub const COLUMNS: SystemTable = SystemTable {
     primary_key: &["table_name", "column_name"],
 };
 
+/// The loading report: one row per event table and minute.
+pub const LOADS_TABLE: &str = "_sdc_loads";
+
+/// `_sdc_loads`: per event table and minute (UTC, the start of the minute the rows were
+/// committed in), the rows upserted (`rows_loaded`, redeliveries included), the records set
+/// aside in `_sdc_rejected` (`rows_rejected`), the columns added (`columns_added`), and the
+/// first and last `_sdc_received_at` of the rows loaded. Each count is added in the same
+/// transaction as the rows (or columns) it counts, so the report is exact.
+pub const LOADS: SystemTable = SystemTable {
+    name: LOADS_TABLE,
+    columns: &[
+        ("table_name", "text NOT NULL"),
+        ("minute", "timestamptz NOT NULL"),
+        ("rows_loaded", "bigint NOT NULL"),
+        ("rows_rejected", "bigint NOT NULL"),
+        ("columns_added", "bigint NOT NULL"),
+        ("first_received_at", "timestamptz"),
+        ("last_received_at", "timestamptz"),
+    ],
+    primary_key: &["table_name", "minute"],
+};
+
+/// `INSERT` of `rows` rows of [`LOADS`] (parameters in its column order, row by row) that adds
+/// to a row of the same table and minute where there is one: counts are summed, the first
+/// received time is the earlier and the last the later (a NULL one counts as unknown). The
+/// same text on PostgreSQL and SQLite (whose timestamps are text of one fixed format, so they
+/// compare as times).
+pub fn upsert_loads_sql(dialect: Dialect, schema: &str, rows: usize) -> String {
+    let insert = LOADS.insert_sql(dialect, schema, LOADS.columns.len(), rows);
+    // The existing row is `t`, as in the event tables' upsert.
+    let target = qualified(schema, LOADS_TABLE);
+    let insert = insert.replacen(&target, &format!("{target} AS t"), 1);
+    let sum = |c: &str| {
+        let c = quote_ident(c);
+        format!("{c} = t.{c} + excluded.{c}")
+    };
+    let pick = |c: &str, newer: &str| {
+        let c = quote_ident(c);
+        format!(
+            "{c} = CASE WHEN excluded.{c} IS NULL THEN t.{c} \
+             WHEN t.{c} IS NULL OR excluded.{c} {newer} t.{c} THEN excluded.{c} ELSE t.{c} END"
+        )
+    };
+    format!(
+        "{insert} ON CONFLICT ({}) DO UPDATE SET {}, {}, {}, {}, {}",
+        column_list(LOADS.primary_key.iter().copied()),
+        sum("rows_loaded"),
+        sum("rows_rejected"),
+        sum("columns_added"),
+        pick("first_received_at", "<"),
+        pick("last_received_at", ">"),
+    )
+}
+
 /// `SELECT` of every record of `_sdc_columns`: table name, column name, key path, column type,
 /// split of.
 pub fn select_columns_sql(schema: &str) -> String {
@@ -782,6 +836,21 @@ mod tests {
                 "ALTER TABLE \"s\".\"track\" ADD COLUMN \"b\" text"
             ]
         );
+    }
+
+    #[test]
+    fn loads_add_to_the_minute_of_their_table() {
+        let sql = upsert_loads_sql(Dialect::Postgres, "s", 2);
+        assert!(
+            sql.starts_with("INSERT INTO \"s\".\"_sdc_loads\" AS t (\"table_name\", \"minute\""),
+            "{sql}"
+        );
+        assert!(sql.contains("($8, $9, $10, $11, $12, $13, $14)"), "{sql}");
+        assert!(sql.contains("ON CONFLICT (\"table_name\", \"minute\") DO UPDATE SET"));
+        assert!(sql.contains("\"rows_loaded\" = t.\"rows_loaded\" + excluded.\"rows_loaded\""));
+        assert!(sql.contains("excluded.\"first_received_at\" < t.\"first_received_at\""));
+        assert!(sql.contains("excluded.\"last_received_at\" > t.\"last_received_at\""));
+        assert!(upsert_loads_sql(Dialect::Sqlite, "s", 1).contains("(?1, ?2, ?3"));
     }
 
     #[test]

@@ -301,6 +301,7 @@ async fn integration_provisions_credentials_deployment_service_schema_and_status
         tables_in(&url, "shop_events").await,
         [
             "_sdc_columns",
+            "_sdc_loads",
             "_sdc_ownership",
             "_sdc_rejected",
             "group",
@@ -886,6 +887,7 @@ async fn drop_removes_only_what_sluice_created() {
         [
             "schema:public:false",
             "table:_sdc_columns:true",
+            "table:_sdc_loads:true",
             "table:_sdc_ownership:true",
             "table:_sdc_rejected:true",
             "table:group:true",
@@ -1131,6 +1133,7 @@ async fn ingest_started_as_the_deployment_says_loads_a_signed_webhook() {
         tables_in(&url, "stitch_segment").await,
         [
             "_sdc_columns",
+            "_sdc_loads",
             "_sdc_ownership",
             "_sdc_rejected",
             "identify",

@@ -199,6 +199,61 @@ pub struct RejectedRow {
     pub reason: String,
 }
 
+/// What one transaction adds to a table's row of `_sdc_loads` for the current minute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TableLoad {
+    table: Table,
+    loaded: i64,
+    rejected: i64,
+    columns_added: i64,
+    first_received_at: Option<DateTime<Utc>>,
+    last_received_at: Option<DateTime<Utc>>,
+}
+
+impl TableLoad {
+    fn new(table: Table) -> TableLoad {
+        TableLoad {
+            table,
+            loaded: 0,
+            rejected: 0,
+            columns_added: 0,
+            first_received_at: None,
+            last_received_at: None,
+        }
+    }
+
+    /// The loads of `tables` written from `items`, of which the `refused` records were set
+    /// aside instead.
+    fn of_rows(tables: &[TableRows<'_>], items: &[Item], refused: &[Rejected]) -> Vec<TableLoad> {
+        tables
+            .iter()
+            .map(|rows| {
+                let mut load = TableLoad::new(rows.table);
+                for &i in &rows.items {
+                    let item = &items[i];
+                    let set_aside = refused.iter().any(|r| {
+                        r.table == item.record.table && r.message_id == item.record.message_id
+                    });
+                    if set_aside {
+                        load.rejected += 1;
+                        continue;
+                    }
+                    load.loaded += 1;
+                    let at = item.received_at;
+                    load.first_received_at = Some(load.first_received_at.map_or(at, |t| t.min(at)));
+                    load.last_received_at = Some(load.last_received_at.map_or(at, |t| t.max(at)));
+                }
+                load
+            })
+            .collect()
+    }
+}
+
+/// The start of the minute of `at`.
+fn minute_of(at: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp(at.timestamp().div_euclid(60) * 60, 0).unwrap_or(at)
+}
+
 /// How long the database may keep Sluice waiting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
@@ -288,7 +343,7 @@ impl Warehouse {
         }
     }
 
-    /// Creates the schema, the event tables in `tables`, `_sdc_rejected` and `_sdc_columns` if
+    /// Creates the schema, the event tables in `tables`, `_sdc_rejected`, `_sdc_columns` and `_sdc_loads` if
     /// they are missing, and records the tables' base columns in `_sdc_columns`. Safe to run
     /// from several processes at once; changes nothing that exists, and needs no privilege for
     /// what exists (a schema created beforehand needs only `USAGE` and `CREATE` on it, not
@@ -382,6 +437,7 @@ impl Warehouse {
         }
         .map_err(|e| self.error(e))?;
         let mut records = Vec::new();
+        let mut loads = Vec::new();
         for (table, needs) in &evolution.0 {
             let columns = current.0.entry(*table).or_default();
             let new = columns.plan_columns(*table, needs);
@@ -396,6 +452,12 @@ impl Warehouse {
             for sql in add_columns_sql(self.dialect(), &self.schema, *table, &add) {
                 tx.execute(&sql).await.map_err(|e| self.error(e))?;
             }
+            if !add.is_empty() {
+                loads.push(TableLoad {
+                    columns_added: i64::try_from(add.len()).unwrap_or(i64::MAX),
+                    ..TableLoad::new(*table)
+                });
+            }
             for c in new {
                 let sql_type = columns
                     .get(&c.record.column)
@@ -404,7 +466,11 @@ impl Warehouse {
                 records.push(c.record);
             }
         }
-        tx.insert_records(&self.schema, &records, Utc::now())
+        let now = Utc::now();
+        tx.insert_records(&self.schema, &records, now)
+            .await
+            .map_err(|e| self.error(e))?;
+        tx.record_loads(&self.schema, &loads, now)
             .await
             .map_err(|e| self.error(e))?;
         tx.commit().await.map_err(|e| self.error(e))?;
@@ -460,7 +526,7 @@ impl Warehouse {
                 }
                 Err(other) => return Err(other),
             };
-            let error = match self.insert_all(&tables).await {
+            let error = match self.insert_all(&tables, &items).await {
                 Ok(()) => return Ok(LoadSummary::of(&tables, &[])),
                 Err(error) => error,
             };
@@ -519,11 +585,18 @@ impl Warehouse {
         ))
     }
 
-    async fn insert_all(&self, tables: &[TableRows<'_>]) -> Result<(), sqlx::Error> {
+    /// Upserts every table's rows in one transaction, with their line in `_sdc_loads`.
+    async fn insert_all(
+        &self,
+        tables: &[TableRows<'_>],
+        items: &[Item],
+    ) -> Result<(), sqlx::Error> {
         let mut tx = self.begin().await?;
         for rows in tables {
             tx.insert(&self.schema, rows).await?;
         }
+        let loads = TableLoad::of_rows(tables, items, &[]);
+        tx.record_loads(&self.schema, &loads, Utc::now()).await?;
         tx.commit().await
     }
 
@@ -563,6 +636,10 @@ impl Warehouse {
                 .await
                 .map_err(|e| self.error(e))?;
         }
+        let loads = TableLoad::of_rows(tables, items, &rejected);
+        tx.record_loads(&self.schema, &loads, now)
+            .await
+            .map_err(|e| self.error(e))?;
         tx.commit().await.map_err(|e| self.error(e))?;
         Ok(rejected)
     }
@@ -629,6 +706,48 @@ impl Tx {
                     let at = crate::normalize::format_timestamp(&at);
                     bind_chunk!(at.as_str()).execute(&mut **tx).await?;
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds `loads` to their tables' rows of `_sdc_loads` for the minute of `at`.
+    async fn record_loads(
+        &mut self,
+        schema: &str,
+        loads: &[TableLoad],
+        at: DateTime<Utc>,
+    ) -> Result<(), sqlx::Error> {
+        if loads.is_empty() {
+            return Ok(());
+        }
+        let minute = minute_of(at);
+        let sql = schema::upsert_loads_sql(self.dialect(), schema, loads.len());
+        // The same parameters on both databases; only the times' encoding differs.
+        macro_rules! bind_loads {
+            ($time:expr) => {{
+                let mut query = sqlx::query(AssertSqlSafe(sql));
+                for load in loads {
+                    query = query
+                        .bind(load.table.name())
+                        .bind($time(minute))
+                        .bind(load.loaded)
+                        .bind(load.rejected)
+                        .bind(load.columns_added)
+                        .bind(load.first_received_at.map($time))
+                        .bind(load.last_received_at.map($time));
+                }
+                query
+            }};
+        }
+        match self {
+            Tx::Postgres(tx) => {
+                bind_loads!(|t: DateTime<Utc>| t).execute(&mut **tx).await?;
+            }
+            Tx::Sqlite(tx) => {
+                bind_loads!(|t: DateTime<Utc>| crate::normalize::format_timestamp(&t))
+                    .execute(&mut **tx)
+                    .await?;
             }
         }
         Ok(())
