@@ -89,12 +89,18 @@ pub async fn run(
              accepted, so events appended to a captured signed batch would be loaded"
         );
     }
+    let refusals = Arc::new(refused::RefusalLog::new(config.refused_log_size as usize));
+    let flushing = tokio::spawn(refused::flush_every_interval(
+        refusals.clone(),
+        warehouse.clone(),
+    ));
     let write_keys = WriteKeys::new(&config.write_keys);
     if write_keys.is_open() {
         tracing::warn!(
             "no write keys configured: the Tracking API (/v1/track, /v1/batch, ...) accepts any request"
         );
     }
+    let warehouse_for_flush = warehouse.clone();
     let app = protocol::router(AppState {
         loader,
         warehouse,
@@ -107,7 +113,7 @@ pub async fn run(
         body_read_timeout: config.body_read_timeout,
         commit_timeout: config.commit_timeout(),
         readiness,
-        refusals: Arc::new(refused::RefusalLog::new(config.refused_log_size as usize)),
+        refusals: refusals.clone(),
         settings: Arc::new(config.shown()),
     });
     tracing::info!(
@@ -122,6 +128,10 @@ pub async fn run(
     };
     protocol::serve(listener, app, limits, shutdown).await;
     preparing.abort();
+    flushing.abort();
+    if let Err(error) = refused::flush(&refusals, &warehouse_for_flush).await {
+        tracing::warn!(%error, "the last refusal counts could not be added to _sdc_refusals");
+    }
     // The router, and with it every Loader handle, is gone: the batcher drains and ends.
     if let Err(e) = batcher.await {
         tracing::error!(error = %e, "the batcher ended abnormally");

@@ -3,12 +3,26 @@
 //! first, in a bounded in-memory ring readable at `GET /v1/refused` and on the status page.
 //!
 //! An entry holds what the client was told, never what it sent: no body, no credentials.
+//!
+//! Counts per minute, route and reason are also added to the schema's `_sdc_refusals` table
+//! every [`FLUSH_INTERVAL`] and at shutdown ([`flush`]), by every replica, so that the operator
+//! can report the last hour's refusals of an integration without reaching its pods.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+
+use crate::load::{LoadError, Warehouse};
+
+/// How often the counts are added to `_sdc_refusals`.
+pub const FLUSH_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The most `(minute, route, reason)` counts held while the database cannot take them; past
+/// it, new ones are dropped from the table (never from `/metrics`).
+pub const MAX_PENDING_COUNTS: usize = 10_000;
 
 /// The default number of refused requests kept (`--refused-log-size`).
 pub const DEFAULT_CAPACITY: usize = 200;
@@ -94,11 +108,28 @@ pub struct RefusedRequest {
     pub message_id: Option<String>,
 }
 
-/// The last refused requests, most recent first, at most `capacity` of them.
+/// How many requests to one route were refused for one reason in one minute.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusalCount {
+    /// The start of the minute (UTC).
+    pub minute: DateTime<Utc>,
+    /// The request's path.
+    pub route: String,
+    /// Why.
+    pub reason: Reason,
+    /// How many.
+    pub count: i64,
+}
+
+type CountKey = (i64, String, Reason);
+
+/// The last refused requests, most recent first, at most `capacity` of them, and the counts
+/// not yet added to `_sdc_refusals`.
 #[derive(Debug)]
 pub struct RefusalLog {
     capacity: usize,
     entries: Mutex<VecDeque<RefusedRequest>>,
+    pending: Mutex<BTreeMap<CountKey, i64>>,
 }
 
 impl Default for RefusalLog {
@@ -113,6 +144,7 @@ impl RefusalLog {
         RefusalLog {
             capacity,
             entries: Mutex::new(VecDeque::with_capacity(capacity.min(1024))),
+            pending: Mutex::default(),
         }
     }
 
@@ -124,6 +156,14 @@ impl RefusalLog {
     /// Keeps `refusal` of a request to `route` answered with `status` at `time`, dropping the
     /// oldest entry when the log is full.
     pub fn record(&self, time: DateTime<Utc>, route: &str, status: u16, refusal: &Refusal) {
+        self.add_count(
+            (
+                time.timestamp().div_euclid(60),
+                route.to_owned(),
+                refusal.reason,
+            ),
+            1,
+        );
         if self.capacity == 0 {
             return;
         }
@@ -145,10 +185,69 @@ impl RefusalLog {
         entries.push_front(entry);
     }
 
+    fn add_count(&self, key: CountKey, n: i64) {
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = pending.get_mut(&key) {
+            *count += n;
+        } else if pending.len() < MAX_PENDING_COUNTS {
+            pending.insert(key, n);
+        }
+    }
+
+    /// Takes the counts not yet added to `_sdc_refusals`.
+    pub fn take_counts(&self) -> Vec<RefusalCount> {
+        let pending =
+            std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner));
+        pending
+            .into_iter()
+            .map(|((minute, route, reason), count)| RefusalCount {
+                minute: DateTime::from_timestamp(minute * 60, 0).unwrap_or_default(),
+                route,
+                reason,
+                count,
+            })
+            .collect()
+    }
+
+    /// Gives back counts that could not be written, to be written with the next ones.
+    pub fn restore_counts(&self, counts: Vec<RefusalCount>) {
+        for c in counts {
+            self.add_count(
+                (c.minute.timestamp().div_euclid(60), c.route, c.reason),
+                c.count,
+            );
+        }
+    }
+
     /// The `limit` most recent refusals, most recent first.
     pub fn latest(&self, limit: usize) -> Vec<RefusedRequest> {
         let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
         entries.iter().take(limit).cloned().collect()
+    }
+}
+
+/// Adds the counts held by `log` to `_sdc_refusals`; on failure they are kept for the next
+/// flush, and the error is returned.
+pub async fn flush(log: &RefusalLog, warehouse: &Warehouse) -> Result<(), LoadError> {
+    let counts = log.take_counts();
+    if counts.is_empty() {
+        return Ok(());
+    }
+    if let Err(error) = warehouse.add_refusals(&counts).await {
+        log.restore_counts(counts);
+        return Err(error);
+    }
+    Ok(())
+}
+
+/// Flushes `log` every [`FLUSH_INTERVAL`], until dropped (the caller aborts the task and
+/// flushes once more at shutdown).
+pub async fn flush_every_interval(log: std::sync::Arc<RefusalLog>, warehouse: Warehouse) {
+    loop {
+        tokio::time::sleep(FLUSH_INTERVAL).await;
+        if let Err(error) = flush(&log, &warehouse).await {
+            tracing::debug!(%error, "refusal counts not written yet; will retry");
+        }
     }
 }
 
@@ -191,10 +290,46 @@ mod tests {
     }
 
     #[test]
-    fn a_log_of_size_zero_keeps_nothing() {
+    fn a_log_of_size_zero_keeps_nothing_but_counts() {
         let log = RefusalLog::new(0);
         log.record(Utc::now(), "/v1/webhook", 400, &refusal(1));
         assert!(log.latest(10).is_empty());
+        assert_eq!(log.take_counts().len(), 1);
+    }
+
+    #[test]
+    fn counts_add_up_per_minute_route_and_reason_and_survive_a_failed_write() {
+        let log = RefusalLog::new(10);
+        let minute = DateTime::from_timestamp(1_700_000_040, 0).expect("a time");
+        for second in [0, 5, 59] {
+            let at = minute + chrono::Duration::seconds(second);
+            log.record(at, "/v1/webhook", 400, &refusal(1));
+        }
+        log.record(minute, "/v1/track", 400, &refusal(2));
+        let counts = log.take_counts();
+        assert_eq!(
+            counts,
+            [
+                RefusalCount {
+                    minute,
+                    route: "/v1/track".to_owned(),
+                    reason: Reason::InvalidEvent,
+                    count: 1
+                },
+                RefusalCount {
+                    minute,
+                    route: "/v1/webhook".to_owned(),
+                    reason: Reason::InvalidEvent,
+                    count: 3
+                },
+            ]
+        );
+        assert!(log.take_counts().is_empty(), "taken once");
+        log.restore_counts(counts);
+        log.record(minute, "/v1/track", 400, &refusal(3));
+        let again = log.take_counts();
+        assert_eq!(again[0].count, 2);
+        assert_eq!(again[1].count, 3);
     }
 
     #[test]

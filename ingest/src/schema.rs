@@ -220,6 +220,36 @@ impl SystemTable {
         )
     }
 
+    /// `INSERT` of `rows` rows (every column, parameters row by row) that, where a row with the
+    /// same primary key exists (`t`), adds each of `sums` to it and applies `sets` (further
+    /// `column = expression` assignments): for tables of counts that several writers add to.
+    pub fn adding_upsert_sql(
+        &self,
+        dialect: Dialect,
+        schema: &str,
+        rows: usize,
+        sums: &[&str],
+        sets: &[String],
+    ) -> String {
+        let insert = self.insert_sql(dialect, schema, self.columns.len(), rows);
+        // The existing row is `t`, as in the event tables' upsert.
+        let target = qualified(schema, self.name);
+        let insert = insert.replacen(&target, &format!("{target} AS t"), 1);
+        let assignments: Vec<String> = sums
+            .iter()
+            .map(|c| {
+                let c = quote_ident(c);
+                format!("{c} = t.{c} + excluded.{c}")
+            })
+            .chain(sets.iter().cloned())
+            .collect();
+        format!(
+            "{insert} ON CONFLICT ({}) DO UPDATE SET {}",
+            column_list(self.primary_key.iter().copied()),
+            assignments.join(", ")
+        )
+    }
+
     /// `SELECT` of `columns` (each quoted) from the table, without a `WHERE`.
     pub fn select_sql(&self, schema: &str, columns: &[&str]) -> String {
         format!(
@@ -459,14 +489,6 @@ pub const LOADS: SystemTable = SystemTable {
 /// same text on PostgreSQL and SQLite (whose timestamps are text of one fixed format, so they
 /// compare as times).
 pub fn upsert_loads_sql(dialect: Dialect, schema: &str, rows: usize) -> String {
-    let insert = LOADS.insert_sql(dialect, schema, LOADS.columns.len(), rows);
-    // The existing row is `t`, as in the event tables' upsert.
-    let target = qualified(schema, LOADS_TABLE);
-    let insert = insert.replacen(&target, &format!("{target} AS t"), 1);
-    let sum = |c: &str| {
-        let c = quote_ident(c);
-        format!("{c} = t.{c} + excluded.{c}")
-    };
     let pick = |c: &str, newer: &str| {
         let c = quote_ident(c);
         format!(
@@ -474,14 +496,52 @@ pub fn upsert_loads_sql(dialect: Dialect, schema: &str, rows: usize) -> String {
              WHEN t.{c} IS NULL OR excluded.{c} {newer} t.{c} THEN excluded.{c} ELSE t.{c} END"
         )
     };
+    LOADS.adding_upsert_sql(
+        dialect,
+        schema,
+        rows,
+        &["rows_loaded", "rows_rejected", "columns_added"],
+        &[
+            pick("first_received_at", "<"),
+            pick("last_received_at", ">"),
+        ],
+    )
+}
+
+/// Refused requests per minute, route and reason, added to by every replica (see
+/// [`crate::refused`]); the operator reports the last hour's in the `SegmentIntegration`
+/// status.
+pub const REFUSALS_TABLE: &str = "_sdc_refusals";
+
+/// `_sdc_refusals`: per minute (UTC, its start), route and reason code, how many requests were
+/// refused.
+pub const REFUSALS: SystemTable = SystemTable {
+    name: REFUSALS_TABLE,
+    columns: &[
+        ("minute", "timestamptz NOT NULL"),
+        ("route", "text NOT NULL"),
+        ("reason", "text NOT NULL"),
+        ("refused", "bigint NOT NULL"),
+    ],
+    primary_key: &["minute", "route", "reason"],
+};
+
+/// `INSERT` of `rows` rows of [`REFUSALS`] that adds `refused` to a row of the same minute,
+/// route and reason where there is one.
+pub fn upsert_refusals_sql(dialect: Dialect, schema: &str, rows: usize) -> String {
+    REFUSALS.adding_upsert_sql(dialect, schema, rows, &["refused"], &[])
+}
+
+/// Refusals per reason since `$1` (a time), as `(reason, count)`, by reason.
+pub fn refusals_since_sql(dialect: Dialect, schema: &str) -> String {
     format!(
-        "{insert} ON CONFLICT ({}) DO UPDATE SET {}, {}, {}, {}, {}",
-        column_list(LOADS.primary_key.iter().copied()),
-        sum("rows_loaded"),
-        sum("rows_rejected"),
-        sum("columns_added"),
-        pick("first_received_at", "<"),
-        pick("last_received_at", ">"),
+        "SELECT {reason}, CAST(sum({refused}) AS bigint) FROM {table} WHERE {minute} >= {since} \
+         GROUP BY {reason} ORDER BY {reason}",
+        reason = quote_ident("reason"),
+        refused = quote_ident("refused"),
+        minute = quote_ident("minute"),
+        table = qualified(schema, REFUSALS_TABLE),
+        since = dialect.placeholder(1),
     )
 }
 
@@ -851,6 +911,14 @@ mod tests {
         assert!(sql.contains("excluded.\"first_received_at\" < t.\"first_received_at\""));
         assert!(sql.contains("excluded.\"last_received_at\" > t.\"last_received_at\""));
         assert!(upsert_loads_sql(Dialect::Sqlite, "s", 1).contains("(?1, ?2, ?3"));
+        let refusals = upsert_refusals_sql(Dialect::Postgres, "s", 1);
+        assert!(
+            refusals.ends_with(
+                "ON CONFLICT (\"minute\", \"route\", \"reason\") DO UPDATE SET \
+                 \"refused\" = t.\"refused\" + excluded.\"refused\""
+            ),
+            "{refusals}"
+        );
     }
 
     #[test]

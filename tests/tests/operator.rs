@@ -24,7 +24,8 @@ use serde_json::{Value, json};
 use sluice_ingest::load::Warehouse;
 use sluice_ingest::protocol::sign;
 use sluice_operator::crd::{
-    Condition, ConditionStatus, DISPLAY_NAME_IMMUTABLE_MESSAGE, SCHEMA_IMMUTABLE_MESSAGE,
+    Condition, ConditionStatus, DISPLAY_NAME_IMMUTABLE_MESSAGE, RefusalReport,
+    SCHEMA_IMMUTABLE_MESSAGE,
 };
 use sluice_operator::leader::{self, Settings, Timing};
 use sluice_operator::metrics::{self, Metrics};
@@ -303,6 +304,7 @@ async fn integration_provisions_credentials_deployment_service_schema_and_status
             "_sdc_columns",
             "_sdc_loads",
             "_sdc_ownership",
+            "_sdc_refusals",
             "_sdc_rejected",
             "group",
             "identify",
@@ -889,6 +891,7 @@ async fn drop_removes_only_what_sluice_created() {
             "table:_sdc_columns:true",
             "table:_sdc_loads:true",
             "table:_sdc_ownership:true",
+            "table:_sdc_refusals:true",
             "table:_sdc_rejected:true",
             "table:group:true",
             "table:identify:true",
@@ -1135,6 +1138,7 @@ async fn ingest_started_as_the_deployment_says_loads_a_signed_webhook() {
             "_sdc_columns",
             "_sdc_loads",
             "_sdc_ownership",
+            "_sdc_refusals",
             "_sdc_rejected",
             "identify",
             "track"
@@ -1142,6 +1146,31 @@ async fn ingest_started_as_the_deployment_says_loads_a_signed_webhook() {
     );
     process.terminate();
     assert!(process.wait().await, "sluice-ingest exits 0 on SIGTERM");
+
+    // The two refused requests (401) were added to _sdc_refusals (at the latest at shutdown);
+    // the next reconcile, here caused by an annotation, reports them in the status.
+    h.integrations()
+        .patch(
+            "wired",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"sluice.dev/test-nudge": "1"}}})),
+        )
+        .await
+        .expect("annotate");
+    let api = h.integrations();
+    let refused = eventually("the status to report the refused requests", || async {
+        let si = api.get("wired").await.ok()?;
+        let refused = si.status?.refused_last_hour;
+        (!refused.is_empty()).then_some(refused)
+    })
+    .await;
+    assert_eq!(
+        refused,
+        [RefusalReport {
+            reason: "unauthorized".to_owned(),
+            count: 2
+        }]
+    );
 }
 
 /// Leader election timing for tests: short, in client-go's proportions.

@@ -236,7 +236,8 @@ async fn browser_shows_tables_refusals_rejections_and_no_password(backend: Backe
 /// Every refusal is counted by route and reason, and kept with what the client was told, not
 /// what it sent.
 async fn refusals_are_counted_and_logged_without_bodies(backend: Backend) {
-    let (_dest, server) = serve(backend, "refused_log", &["--max-body-bytes", "2000"]).await;
+    let started = chrono::Utc::now() - chrono::Duration::minutes(1);
+    let (dest, server) = serve(backend, "refused_log", &["--max-body-bytes", "2000"]).await;
     let webhook = server.url("/v1/webhook");
     let marker = "body-content-never-logged";
     assert_eq!(post(&webhook, format!("{{\"{marker}\": ")).await.0, 400);
@@ -306,7 +307,22 @@ async fn refusals_are_counted_and_logged_without_bodies(backend: Backend) {
     ] {
         assert!(metrics.contains(line), "{line} missing from {metrics}");
     }
+    // At shutdown (and every 10 s) the counts are added to _sdc_refusals, where the operator
+    // reads them.
     server.stop().await;
+    let counted = dest
+        .warehouse(SCHEMA)
+        .refusals_since(started)
+        .await
+        .expect("read _sdc_refusals");
+    assert_eq!(
+        counted,
+        [
+            ("invalid_event".to_owned(), 1),
+            ("malformed_json".to_owned(), 2),
+            ("too_large".to_owned(), 2),
+        ]
+    );
 }
 
 /// With an API key configured, the status page and the extraction log need it (a browser is

@@ -343,7 +343,7 @@ impl Warehouse {
         }
     }
 
-    /// Creates the schema, the event tables in `tables`, `_sdc_rejected`, `_sdc_columns` and `_sdc_loads` if
+    /// Creates the schema, the event tables in `tables`, `_sdc_rejected`, `_sdc_columns`, `_sdc_loads` and `_sdc_refusals` if
     /// they are missing, and records the tables' base columns in `_sdc_columns`. Safe to run
     /// from several processes at once; changes nothing that exists, and needs no privilege for
     /// what exists (a schema created beforehand needs only `USAGE` and `CREATE` on it, not
@@ -423,6 +423,69 @@ impl Warehouse {
                 },
             )
             .collect())
+    }
+
+    /// Adds refusal counts to `_sdc_refusals`, in one transaction.
+    pub async fn add_refusals(
+        &self,
+        counts: &[crate::refused::RefusalCount],
+    ) -> Result<(), LoadError> {
+        let mut tx = self.begin().await.map_err(|e| self.error(e))?;
+        // Four parameters per row: well inside both databases' limits.
+        for chunk in counts.chunks(500) {
+            let sql = schema::upsert_refusals_sql(self.dialect(), &self.schema, chunk.len());
+            macro_rules! bind_counts {
+                ($time:expr) => {{
+                    let mut query = sqlx::query(AssertSqlSafe(sql));
+                    for c in chunk {
+                        query = query
+                            .bind($time(c.minute))
+                            .bind(c.route.as_str())
+                            .bind(c.reason.code())
+                            .bind(c.count);
+                    }
+                    query
+                }};
+            }
+            match &mut tx {
+                Tx::Postgres(tx) => bind_counts!(|t: DateTime<Utc>| t)
+                    .execute(&mut **tx)
+                    .await
+                    .map(drop),
+                Tx::Sqlite(tx) => {
+                    bind_counts!(|t: DateTime<Utc>| crate::normalize::format_timestamp(&t))
+                        .execute(&mut **tx)
+                        .await
+                        .map(drop)
+                }
+            }
+            .map_err(|e| self.error(e))?;
+        }
+        tx.commit().await.map_err(|e| self.error(e))
+    }
+
+    /// Refused requests per reason code since `since`, from `_sdc_refusals`, by reason: what
+    /// every replica refused.
+    pub async fn refusals_since(
+        &self,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<(String, i64)>, LoadError> {
+        let sql = schema::refusals_since_sql(self.dialect(), &self.schema);
+        match &self.pool {
+            Pool::Postgres(pool) => {
+                sqlx::query_as(AssertSqlSafe(sql))
+                    .bind(since)
+                    .fetch_all(pool)
+                    .await
+            }
+            Pool::Sqlite(pool) => {
+                sqlx::query_as(AssertSqlSafe(sql))
+                    .bind(crate::normalize::format_timestamp(&since))
+                    .fetch_all(pool)
+                    .await
+            }
+        }
+        .map_err(|e| self.error(e))
     }
 
     /// Adds the columns an [`Evolution`] asks for, under the schema's DDL lock: names them
