@@ -343,10 +343,10 @@ impl Warehouse {
         }
     }
 
-    /// Creates the schema, the event tables in `tables`, `_sdc_rejected`, `_sdc_columns`, `_sdc_loads` and `_sdc_refusals` if
-    /// they are missing, and records the tables' base columns in `_sdc_columns`. Safe to run
-    /// from several processes at once; changes nothing that exists, and needs no privilege for
-    /// what exists (a schema created beforehand needs only `USAGE` and `CREATE` on it, not
+    /// Creates the schema, the event tables in `tables`, `_sdc_rejected`, `_sdc_columns`,
+    /// `_sdc_loads` and `_sdc_refusals` if they are missing, and records the tables' base
+    /// columns in `_sdc_columns`. Safe to run from several processes at once; changes nothing
+    /// that exists, and needs no privilege for what exists (a schema created beforehand needs only `USAGE` and `CREATE` on it, not
     /// `CREATE` on the database).
     pub async fn ensure_schema(&self, tables: &[Table]) -> Result<(), LoadError> {
         let mut tx = self.ddl_transaction().await?;

@@ -78,10 +78,10 @@ impl Tx {
 
 impl Warehouse {
     /// Creates, inside a transaction holding the schema's DDL lock, the schema, the event
-    /// tables in `tables`, `_sdc_rejected`, `_sdc_columns`, `_sdc_loads` and `_sdc_refusals` where
-    /// they do not exist yet,
-    /// records the tables' base columns in `_sdc_columns`, and says what it created. Nothing
-    /// that exists is created again, or needs a privilege to create.
+    /// tables in `tables`, `_sdc_rejected`, `_sdc_columns`, `_sdc_loads` and `_sdc_refusals`
+    /// where they do not exist yet, records the tables' base columns in `_sdc_columns`, and
+    /// says what it created. Nothing that exists is created again, or needs a privilege to
+    /// create.
     pub(super) async fn create_missing(
         &self,
         tx: &mut Tx,

@@ -142,7 +142,11 @@ async fn count_status(
     request: Request,
     next: Next,
 ) -> Response {
-    let route = request.uri().path().to_owned();
+    // Refusals come only from the routes above, so decoded paths are a small, fixed set of
+    // labels however a client spells them.
+    let route = percent_encoding::percent_decode_str(request.uri().path())
+        .decode_utf8_lossy()
+        .into_owned();
     let response = next.run(request).await;
     let status = response.status().as_u16();
     state.metrics.request(status);
