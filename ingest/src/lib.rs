@@ -5,6 +5,8 @@
 //! [`protocol`] (routes, authentication) -> [`json`] (lenient decoding) -> [`event`]
 //! (validation) -> [`normalize`] (flat, typed records) -> [`load`] (queue, batcher, writers,
 //! with [`naming`] for column names) -> the tables of [`schema`].
+//! What was refused is kept by [`refused`] (the extraction log), what was loaded by
+//! [`activity`]; [`status_page`] shows both at `GET /`.
 //! [`run`] wires them together and serves at once, while [`startup`] prepares the schema; the
 //! operator uses [`load::Warehouse`] to create schemas and to drop what it created
 //! ([`load::ownership`]).
@@ -116,10 +118,12 @@ pub async fn run(
         refusals: refusals.clone(),
         settings: Arc::new(config.shown()),
     });
+    let address = listener.local_addr()?;
     tracing::info!(
-        listen = %listener.local_addr()?,
+        listen = %address,
         database = %dialect,
         schema = %config.schema,
+        status_page = %format!("http://{address}/"),
         "sluice-ingest is serving"
     );
     let limits = ConnectionLimits {
