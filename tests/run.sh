@@ -10,6 +10,7 @@
 #   5b. for the fault and leader-election tests: Toxiproxy (tests/scripts/toxiproxy.sh, from the
 #      Go module proxy; each test starts its own server) and e2fsprogs (the fault tests mount
 #      small tmpfs and loop ext4 filesystems, so they need root)
+#   5c. Chromium from Debian's packages, the headless browser of the status page tests
 #   6. cargo test for the whole workspace: unit tests and the integration tests in tests/
 #   7. each fuzz target for 30 s (tests/fuzz.sh; cargo-fuzz from crates.io, the nightly toolchain)
 #   8. the kind end-to-end check, tests/kind/e2e.sh: Docker, images, a kind cluster, the chart and
@@ -46,6 +47,13 @@ bash tests/scripts/toxiproxy.sh install >/dev/null
 if ! command -v mkfs.ext4 >/dev/null || ! command -v e2fsck >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq e2fsprogs >/dev/null
+fi
+
+step "Chromium (Debian's package) for the status page tests"
+# tests/tests/status_page.rs renders the page in a real headless browser, and fails without one.
+if ! command -v chromium >/dev/null; then
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi
 
 step "tests"

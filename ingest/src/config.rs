@@ -149,6 +149,11 @@ pub struct Config {
     #[arg(long, env = "SLUICE_INTEGRATION_NAME", requires = "integration_uid")]
     pub integration_name: Option<String>,
 
+    /// Refused requests kept in memory for GET /v1/refused and the status page, most recent
+    /// first (0 keeps none; they are counted in /metrics either way).
+    #[arg(long, env = "SLUICE_REFUSED_LOG_SIZE", default_value_t = 200, value_parser = clap::value_parser!(u32).range(0..=100_000))]
+    pub refused_log_size: u32,
+
     /// Log filter (tracing's EnvFilter syntax), e.g. info or sluice_ingest=debug.
     #[arg(long, env = "SLUICE_LOG", default_value = "info")]
     pub log: String,
@@ -222,6 +227,64 @@ impl Config {
         Selection::parse(&text, self.pseudonymization_key.as_deref())
     }
 
+    /// The configuration in force as the status page shows it: name and value, with the
+    /// database URL's password masked and secrets shown only as set or not.
+    pub fn shown(&self) -> Vec<(&'static str, String)> {
+        let secret = |value: Option<&str>| match value {
+            Some(v) if !v.is_empty() => "set (hidden)".to_owned(),
+            _ => "not set: open to anyone".to_owned(),
+        };
+        let ms = |d: Duration| humantime::format_duration(d).to_string();
+        vec![
+            ("database URL", mask_database_url(&self.database_url)),
+            ("schema", self.schema.clone()),
+            (
+                "tables",
+                self.selected_tables()
+                    .iter()
+                    .map(|t| t.name())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ),
+            ("listen", self.listen.to_string()),
+            ("max batch rows", self.max_batch_rows.to_string()),
+            ("max batch delay", ms(self.max_batch_delay)),
+            ("writers", self.writers.to_string()),
+            ("queue capacity (events)", self.queue_capacity.to_string()),
+            ("max body bytes", self.max_body_bytes.to_string()),
+            ("commit timeout", ms(self.commit_timeout())),
+            ("shared secret", secret(self.shared_secret.as_deref())),
+            ("API key", secret(self.api_key.as_deref())),
+            (
+                "write keys",
+                match self.write_keys.iter().filter(|k| !k.is_empty()).count() {
+                    0 => "none: the Tracking API is open to anyone".to_owned(),
+                    n => format!("{n} set (hidden)"),
+                },
+            ),
+            (
+                "accept first-event signatures",
+                self.accept_first_event_signatures.to_string(),
+            ),
+            ("refused log size", self.refused_log_size.to_string()),
+            (
+                "column selection",
+                if self.column_selection.trim().is_empty() {
+                    "none: every key loads".to_owned()
+                } else {
+                    self.column_selection.clone()
+                },
+            ),
+            (
+                "pseudonymization key",
+                match self.pseudonymization_key.as_deref() {
+                    Some(key) if !key.is_empty() => "set (hidden)".to_owned(),
+                    _ => "not set".to_owned(),
+                },
+            ),
+        ]
+    }
+
     /// The selected tables, deduplicated and sorted.
     pub fn selected_tables(&self) -> Vec<Table> {
         let mut tables = self.tables.clone();
@@ -229,6 +292,41 @@ impl Config {
         tables.dedup();
         tables
     }
+}
+
+/// What a URL parameter may carry a password under (libpq's `password`, `sslpassword`).
+const PASSWORD_PARAMETERS: [&str; 2] = ["password", "sslpassword"];
+
+/// `url` with its password, and any password parameter, replaced by `****`; a URL that cannot
+/// be parsed is not shown at all.
+pub fn mask_database_url(url: &str) -> String {
+    let Ok(mut parsed) = url::Url::parse(url) else {
+        return "(not shown: the URL cannot be parsed)".to_owned();
+    };
+    if parsed.password().is_some() && parsed.set_password(Some("****")).is_err() {
+        return "(not shown: the URL cannot be parsed)".to_owned();
+    }
+    let has_secret_parameter = parsed
+        .query_pairs()
+        .any(|(k, _)| PASSWORD_PARAMETERS.contains(&k.to_ascii_lowercase().as_str()));
+    if has_secret_parameter {
+        let pairs: Vec<(String, String)> = parsed
+            .query_pairs()
+            .map(|(k, v)| {
+                let secret = PASSWORD_PARAMETERS.contains(&k.to_ascii_lowercase().as_str());
+                (
+                    k.into_owned(),
+                    if secret {
+                        "****".to_owned()
+                    } else {
+                        v.into_owned()
+                    },
+                )
+            })
+            .collect();
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    parsed.to_string()
 }
 
 #[cfg(test)]
@@ -249,6 +347,7 @@ mod tests {
         assert_eq!(config.header_read_timeout, Duration::from_secs(10));
         assert_eq!(config.body_read_timeout, Duration::from_secs(30));
         assert_eq!(config.max_http_connections, 1024);
+        assert_eq!(config.refused_log_size, 200);
         assert!(Config::try_parse_from(["sluice-ingest", "--statement-timeout", "0s"]).is_err());
     }
 
@@ -277,6 +376,43 @@ mod tests {
             parse(&["--integration-name", "shop"]).is_err(),
             "a name needs a UID"
         );
+    }
+
+    #[test]
+    fn passwords_never_show() {
+        assert_eq!(
+            mask_database_url(
+                "postgres://sluice:s3cr%40t@db.example.com:5432/warehouse?sslmode=require"
+            ),
+            "postgres://sluice:****@db.example.com:5432/warehouse?sslmode=require"
+        );
+        let masked = mask_database_url("postgres://db/w?user=u&password=hunter2&sslpassword=x");
+        assert!(
+            !masked.contains("hunter2") && !masked.contains("=x"),
+            "{masked}"
+        );
+        assert!(masked.contains("user=u"));
+        assert_eq!(
+            mask_database_url("sqlite://sluice.db"),
+            "sqlite://sluice.db"
+        );
+        assert!(!mask_database_url("postgres://u:pw@[bad").contains("pw"));
+        let config = Config::try_parse_from([
+            "sluice-ingest",
+            "--database-url",
+            "postgres://u:topsecret@h/d",
+            "--api-key",
+            "key-123",
+            "--shared-secret",
+            "shh-456",
+            "--write-keys",
+            "wk-789",
+        ])
+        .expect("parses");
+        let shown = format!("{:?}", config.shown());
+        for secret in ["topsecret", "key-123", "shh-456", "wk-789"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
     }
 
     #[test]

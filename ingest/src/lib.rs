@@ -5,10 +5,13 @@
 //! [`protocol`] (routes, authentication) -> [`json`] (lenient decoding) -> [`event`]
 //! (validation) -> [`normalize`] (flat, typed records) -> [`load`] (queue, batcher, writers,
 //! with [`naming`] for column names) -> the tables of [`schema`].
+//! What was refused is kept by [`refused`] (the extraction log), what was loaded by
+//! [`activity`]; [`status_page`] shows both at `GET /`.
 //! [`run`] wires them together and serves at once, while [`startup`] prepares the schema; the
 //! operator uses [`load::Warehouse`] to create schemas and to drop what it created
 //! ([`load::ownership`]).
 
+pub mod activity;
 pub mod config;
 pub mod event;
 pub mod json;
@@ -17,9 +20,11 @@ pub mod metrics;
 pub mod naming;
 pub mod normalize;
 pub mod protocol;
+pub mod refused;
 pub mod schema;
 pub mod selection;
 pub mod startup;
+pub mod status_page;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -92,12 +97,18 @@ pub async fn run(
              accepted, so events appended to a captured signed batch would be loaded"
         );
     }
+    let refusals = Arc::new(refused::RefusalLog::new(config.refused_log_size as usize));
+    let flushing = tokio::spawn(refused::flush_every_interval(
+        refusals.clone(),
+        warehouse.clone(),
+    ));
     let write_keys = WriteKeys::new(&config.write_keys);
     if write_keys.is_open() {
         tracing::warn!(
             "no write keys configured: the Tracking API (/v1/track, /v1/batch, ...) accepts any request"
         );
     }
+    let warehouse_for_flush = warehouse.clone();
     let app = protocol::router(AppState {
         loader,
         warehouse,
@@ -111,11 +122,15 @@ pub async fn run(
         body_read_timeout: config.body_read_timeout,
         commit_timeout: config.commit_timeout(),
         readiness,
+        refusals: refusals.clone(),
+        settings: Arc::new(config.shown()),
     });
+    let address = listener.local_addr()?;
     tracing::info!(
-        listen = %listener.local_addr()?,
+        listen = %address,
         database = %dialect,
         schema = %config.schema,
+        status_page = %format!("http://{address}/"),
         "sluice-ingest is serving"
     );
     let limits = ConnectionLimits {
@@ -124,6 +139,10 @@ pub async fn run(
     };
     protocol::serve(listener, app, limits, shutdown).await;
     preparing.abort();
+    flushing.abort();
+    if let Err(error) = refused::flush(&refusals, &warehouse_for_flush).await {
+        tracing::warn!(%error, "the last refusal counts could not be added to _sdc_refusals");
+    }
     // The router, and with it every Loader handle, is gone: the batcher drains and ends.
     if let Err(e) = batcher.await {
         tracing::error!(error = %e, "the batcher ended abnormally");

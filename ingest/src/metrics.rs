@@ -8,7 +8,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::activity::Activity;
 use crate::event::Table;
+use crate::refused::Reason;
 
 /// Labels of a request counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -24,7 +26,17 @@ pub struct TableLabels {
     pub table: String,
 }
 
-/// Every metric the service exports.
+/// Labels of the refused-request counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    /// The request's path, e.g. `/v1/webhook`.
+    pub route: String,
+    /// Why it was refused: a [`Reason`] code such as `malformed_json`.
+    pub reason: String,
+}
+
+/// Every metric the service exports, and the per-minute [`Activity`] the status page charts
+/// (fed with the same counts as `sluice_events_loaded` and `sluice_records_rejected`).
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
@@ -36,6 +48,8 @@ pub struct Metrics {
     batch_rows: Histogram,
     commit_seconds: Histogram,
     queue_depth: Gauge,
+    refused: Family<RefusedLabels, Counter>,
+    activity: Activity,
 }
 
 impl Default for Metrics {
@@ -56,6 +70,7 @@ impl Metrics {
         let batch_rows = Histogram::new(exponential_buckets(1.0, 2.0, 14));
         let commit_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
         let queue_depth = Gauge::default();
+        let refused = Family::<RefusedLabels, Counter>::default();
         registry.register(
             "http_requests",
             "HTTP requests answered, by status",
@@ -96,6 +111,11 @@ impl Metrics {
             "Events received and waiting for their commit",
             queue_depth.clone(),
         );
+        registry.register(
+            "requests_refused",
+            "Requests refused (400, 401, 408, 413, 415, 501), by route and reason",
+            refused.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -106,6 +126,8 @@ impl Metrics {
             batch_rows,
             commit_seconds,
             queue_depth,
+            refused,
+            activity: Activity::default(),
         }
     }
 
@@ -130,6 +152,7 @@ impl Metrics {
     /// Counts committed events.
     pub fn loaded(&self, table: Table, n: usize) {
         Self::by_table(&self.loaded, table, n);
+        self.activity.record(table, n as u64, 0, chrono::Utc::now());
     }
 
     /// Counts skipped events.
@@ -145,6 +168,22 @@ impl Metrics {
     /// Counts rejected records.
     pub fn rejected(&self, table: Table, n: usize) {
         Self::by_table(&self.rejected, table, n);
+        self.activity.record(table, 0, n as u64, chrono::Utc::now());
+    }
+
+    /// Counts a request to `route` refused for `reason`.
+    pub fn refused(&self, route: &str, reason: Reason) {
+        self.refused
+            .get_or_create(&RefusedLabels {
+                route: route.to_owned(),
+                reason: reason.code().to_owned(),
+            })
+            .inc();
+    }
+
+    /// Loading activity per table and minute, for the status page.
+    pub fn activity(&self) -> &Activity {
+        &self.activity
     }
 
     /// Records a committed batch.

@@ -220,6 +220,36 @@ impl SystemTable {
         )
     }
 
+    /// `INSERT` of `rows` rows (every column, parameters row by row) that, where a row with the
+    /// same primary key exists (`t`), adds each of `sums` to it and applies `sets` (further
+    /// `column = expression` assignments): for tables of counts that several writers add to.
+    pub fn adding_upsert_sql(
+        &self,
+        dialect: Dialect,
+        schema: &str,
+        rows: usize,
+        sums: &[&str],
+        sets: &[String],
+    ) -> String {
+        let insert = self.insert_sql(dialect, schema, self.columns.len(), rows);
+        // The existing row is `t`, as in the event tables' upsert.
+        let target = qualified(schema, self.name);
+        let insert = insert.replacen(&target, &format!("{target} AS t"), 1);
+        let assignments: Vec<String> = sums
+            .iter()
+            .map(|c| {
+                let c = quote_ident(c);
+                format!("{c} = t.{c} + excluded.{c}")
+            })
+            .chain(sets.iter().cloned())
+            .collect();
+        format!(
+            "{insert} ON CONFLICT ({}) DO UPDATE SET {}",
+            column_list(self.primary_key.iter().copied()),
+            assignments.join(", ")
+        )
+    }
+
     /// `SELECT` of `columns` (each quoted) from the table, without a `WHERE`.
     pub fn select_sql(&self, schema: &str, columns: &[&str]) -> String {
         format!(
@@ -430,6 +460,90 @@ pub const COLUMNS: SystemTable = SystemTable {
     ],
     primary_key: &["table_name", "column_name"],
 };
+
+/// The loading report: one row per event table and minute.
+pub const LOADS_TABLE: &str = "_sdc_loads";
+
+/// `_sdc_loads`: per event table and minute (UTC, the start of the minute the rows were
+/// committed in), the rows upserted (`rows_loaded`, redeliveries included), the records set
+/// aside in `_sdc_rejected` (`rows_rejected`), the columns added (`columns_added`), and the
+/// first and last `_sdc_received_at` of the rows loaded. Each count is added in the same
+/// transaction as the rows (or columns) it counts, so the report is exact.
+pub const LOADS: SystemTable = SystemTable {
+    name: LOADS_TABLE,
+    columns: &[
+        ("table_name", "text NOT NULL"),
+        ("minute", "timestamptz NOT NULL"),
+        ("rows_loaded", "bigint NOT NULL"),
+        ("rows_rejected", "bigint NOT NULL"),
+        ("columns_added", "bigint NOT NULL"),
+        ("first_received_at", "timestamptz"),
+        ("last_received_at", "timestamptz"),
+    ],
+    primary_key: &["table_name", "minute"],
+};
+
+/// `INSERT` of `rows` rows of [`LOADS`] (parameters in its column order, row by row) that adds
+/// to a row of the same table and minute where there is one: counts are summed, the first
+/// received time is the earlier and the last the later (a NULL one counts as unknown). The
+/// same text on PostgreSQL and SQLite (whose timestamps are text of one fixed format, so they
+/// compare as times).
+pub fn upsert_loads_sql(dialect: Dialect, schema: &str, rows: usize) -> String {
+    let pick = |c: &str, newer: &str| {
+        let c = quote_ident(c);
+        format!(
+            "{c} = CASE WHEN excluded.{c} IS NULL THEN t.{c} \
+             WHEN t.{c} IS NULL OR excluded.{c} {newer} t.{c} THEN excluded.{c} ELSE t.{c} END"
+        )
+    };
+    LOADS.adding_upsert_sql(
+        dialect,
+        schema,
+        rows,
+        &["rows_loaded", "rows_rejected", "columns_added"],
+        &[
+            pick("first_received_at", "<"),
+            pick("last_received_at", ">"),
+        ],
+    )
+}
+
+/// Refused requests per minute, route and reason, added to by every replica (see
+/// [`crate::refused`]); the operator reports the last hour's in the `SegmentIntegration`
+/// status.
+pub const REFUSALS_TABLE: &str = "_sdc_refusals";
+
+/// `_sdc_refusals`: per minute (UTC, its start), route and reason code, how many requests were
+/// refused.
+pub const REFUSALS: SystemTable = SystemTable {
+    name: REFUSALS_TABLE,
+    columns: &[
+        ("minute", "timestamptz NOT NULL"),
+        ("route", "text NOT NULL"),
+        ("reason", "text NOT NULL"),
+        ("refused", "bigint NOT NULL"),
+    ],
+    primary_key: &["minute", "route", "reason"],
+};
+
+/// `INSERT` of `rows` rows of [`REFUSALS`] that adds `refused` to a row of the same minute,
+/// route and reason where there is one.
+pub fn upsert_refusals_sql(dialect: Dialect, schema: &str, rows: usize) -> String {
+    REFUSALS.adding_upsert_sql(dialect, schema, rows, &["refused"], &[])
+}
+
+/// Refusals per reason since `$1` (a time), as `(reason, count)`, by reason.
+pub fn refusals_since_sql(dialect: Dialect, schema: &str) -> String {
+    format!(
+        "SELECT {reason}, CAST(sum({refused}) AS bigint) FROM {table} WHERE {minute} >= {since} \
+         GROUP BY {reason} ORDER BY {reason}",
+        reason = quote_ident("reason"),
+        refused = quote_ident("refused"),
+        minute = quote_ident("minute"),
+        table = qualified(schema, REFUSALS_TABLE),
+        since = dialect.placeholder(1),
+    )
+}
 
 /// `SELECT` of every record of `_sdc_columns`: table name, column name, key path, column type,
 /// split of.
@@ -781,6 +895,29 @@ mod tests {
                 "ALTER TABLE \"s\".\"track\" ADD COLUMN \"x\"\"; drop\" bigint",
                 "ALTER TABLE \"s\".\"track\" ADD COLUMN \"b\" text"
             ]
+        );
+    }
+
+    #[test]
+    fn loads_add_to_the_minute_of_their_table() {
+        let sql = upsert_loads_sql(Dialect::Postgres, "s", 2);
+        assert!(
+            sql.starts_with("INSERT INTO \"s\".\"_sdc_loads\" AS t (\"table_name\", \"minute\""),
+            "{sql}"
+        );
+        assert!(sql.contains("($8, $9, $10, $11, $12, $13, $14)"), "{sql}");
+        assert!(sql.contains("ON CONFLICT (\"table_name\", \"minute\") DO UPDATE SET"));
+        assert!(sql.contains("\"rows_loaded\" = t.\"rows_loaded\" + excluded.\"rows_loaded\""));
+        assert!(sql.contains("excluded.\"first_received_at\" < t.\"first_received_at\""));
+        assert!(sql.contains("excluded.\"last_received_at\" > t.\"last_received_at\""));
+        assert!(upsert_loads_sql(Dialect::Sqlite, "s", 1).contains("(?1, ?2, ?3"));
+        let refusals = upsert_refusals_sql(Dialect::Postgres, "s", 1);
+        assert!(
+            refusals.ends_with(
+                "ON CONFLICT (\"minute\", \"route\", \"reason\") DO UPDATE SET \
+                 \"refused\" = t.\"refused\" + excluded.\"refused\""
+            ),
+            "{refusals}"
         );
     }
 

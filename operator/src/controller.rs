@@ -412,7 +412,8 @@ async fn apply(si: &SegmentIntegration, ctx: &Context) -> Result<Action, Error> 
         credentials_secret: build::credentials_name(si)?,
         ingest_available: status::ingest_availability(&build::ingest_name(si)?, &deployment),
         schema_ready: schema_ready.0,
-        tables: schema_ready.1,
+        tables: schema_ready.1.as_ref().map(|r| r.tables.clone()),
+        refused_last_hour: schema_ready.1.map(|r| r.refused_last_hour),
     };
     update_status(si, ctx, namespace, &observed).await?;
     if observed.schema_ready.ok {
@@ -514,12 +515,12 @@ async fn apply_children(
 }
 
 /// The destination part of step 4: the schema and tables exist (created where missing), as
-/// `SchemaReady` and the table report.
+/// `SchemaReady`, the table report and the last hour's refused requests.
 async fn ensure_destination(
     si: &SegmentIntegration,
     refs: Dereferenced,
     schema: &str,
-) -> (Observation, Option<Vec<crate::crd::TableReport>>) {
+) -> (Observation, Option<destination::Reports>) {
     let tables = si.tables();
     let ensured = async {
         let owner = build::schema_owner(si)

@@ -331,6 +331,11 @@ pub struct SegmentIntegrationStatus {
     /// The loading report: each table of the schema and its column count.
     #[serde(default)]
     pub tables: Vec<TableReport>,
+    /// Requests the ingest refused in the last hour, by reason (`malformed_json`,
+    /// `invalid_event`, `unauthorized`, `too_large`, ...), all replicas together, as of the
+    /// last reconcile; a reason with none is left out.
+    #[serde(default)]
+    pub refused_last_hour: Vec<RefusalReport>,
 }
 
 /// A condition in the standard Kubernetes shape (`metav1.Condition`).
@@ -372,6 +377,16 @@ pub struct TableReport {
     pub name: String,
     /// How many columns it has.
     pub columns: i64,
+}
+
+/// Refused requests of one reason.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RefusalReport {
+    /// The reason code, as in the ingest's `sluice_requests_refused_total{reason}`.
+    pub reason: String,
+    /// How many requests.
+    pub count: i64,
 }
 
 impl SegmentIntegration {

@@ -12,7 +12,7 @@ use kube::{Api, Client};
 use sluice_ingest::event::Table;
 use sluice_ingest::load::{Claim, Dropped, LoadError, Owner, Warehouse};
 
-use crate::crd::{SecretKeyRef, TableReport};
+use crate::crd::{RefusalReport, SecretKeyRef, TableReport};
 use crate::status::{Observation, Reason};
 
 /// The longest a reconcile waits on the database, so one unreachable warehouse cannot hold a
@@ -142,21 +142,33 @@ fn timed_out() -> Observation {
     )
 }
 
+/// What the destination reports besides the schema's claim.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reports {
+    /// The tables with their column counts.
+    pub tables: Vec<TableReport>,
+    /// Requests the ingest refused in the last hour, by reason.
+    pub refused_last_hour: Vec<RefusalReport>,
+}
+
 /// Creates the schema and the selected tables for `owner` where missing, recording what it
-/// created, and reports the claim and the tables with their column counts. A schema another
+/// created, and reports the claim, the tables with their column counts and the last hour's
+/// refused requests (from `_sdc_refusals`, which every ingest replica adds to). A schema another
 /// integration claimed is refused (`SchemaClaimed`).
 pub async fn ensure_schema(
     url: &str,
     schema: &str,
     tables: &[Table],
     owner: &Owner,
-) -> Result<(Claim, Vec<TableReport>), Observation> {
+) -> Result<(Claim, Reports), Observation> {
     let warehouse = warehouse(url, schema)?;
     let work = async {
         let claim = warehouse.ensure_owned_schema(tables, owner).await?;
-        Ok::<_, LoadError>((claim, warehouse.table_report().await?))
+        let since = chrono::Utc::now() - chrono::Duration::hours(1);
+        let refused = warehouse.refusals_since(since).await?;
+        Ok::<_, LoadError>((claim, warehouse.table_report().await?, refused))
     };
-    let (claim, report) = tokio::time::timeout(DATABASE_TIMEOUT, work)
+    let (claim, report, refused) = tokio::time::timeout(DATABASE_TIMEOUT, work)
         .await
         .map_err(|_elapsed| timed_out())?
         .map_err(|error| load_failure(&error))?;
@@ -167,7 +179,17 @@ pub async fn ensure_schema(
             columns: i64::try_from(columns).unwrap_or(i64::MAX),
         })
         .collect();
-    Ok((claim, report))
+    let refused_last_hour = refused
+        .into_iter()
+        .map(|(reason, count)| RefusalReport { reason, count })
+        .collect();
+    Ok((
+        claim,
+        Reports {
+            tables: report,
+            refused_last_hour,
+        },
+    ))
 }
 
 /// Drops what Sluice created for `owner` in the schema, and the schema only if Sluice created

@@ -7,7 +7,9 @@ use std::fmt;
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::runtime::events::{Event, EventType};
 
-use crate::crd::{Condition, ConditionStatus, SegmentIntegrationStatus, TableReport};
+use crate::crd::{
+    Condition, ConditionStatus, RefusalReport, SegmentIntegrationStatus, TableReport,
+};
 
 /// The condition that sums up the others.
 pub const READY: &str = "Ready";
@@ -204,6 +206,9 @@ pub struct Observed {
     pub ingest_available: Observation,
     /// The loading report, when the destination answered; `None` keeps the previous report.
     pub tables: Option<Vec<TableReport>>,
+    /// The last hour's refused requests by reason, when the destination answered; `None`
+    /// keeps the previous figures.
+    pub refused_last_hour: Option<Vec<RefusalReport>>,
 }
 
 /// The new status from what was observed and the previous status.
@@ -232,6 +237,11 @@ pub fn status(
             .tables
             .clone()
             .or_else(|| previous.map(|s| s.tables.clone()))
+            .unwrap_or_default(),
+        refused_last_hour: observed
+            .refused_last_hour
+            .clone()
+            .or_else(|| previous.map(|s| s.refused_last_hour.clone()))
             .unwrap_or_default(),
     }
 }
@@ -298,6 +308,7 @@ mod tests {
                 Observation::failed(Reason::NoReplicasAvailable, "wait")
             },
             tables: None,
+            refused_last_hour: None,
         }
     }
 
@@ -348,9 +359,21 @@ mod tests {
             name: "track".to_owned(),
             columns: 12,
         }]);
+        with_tables.refused_last_hour = Some(vec![RefusalReport {
+            reason: "unauthorized".to_owned(),
+            count: 3,
+        }]);
         let first = status(&with_tables, None, "t1");
         let later = status(&observed(false, true), Some(&first), "t2");
         assert_eq!(later.tables, first.tables);
+        assert_eq!(later.refused_last_hour, first.refused_last_hour);
+        let mut answered = observed(true, true);
+        answered.refused_last_hour = Some(Vec::new());
+        let fresh = status(&answered, Some(&first), "t3");
+        assert!(
+            fresh.refused_last_hour.is_empty(),
+            "a destination that answers replaces the figures"
+        );
     }
 
     #[test]

@@ -240,6 +240,31 @@ impl Destination {
             .collect()
     }
 
+    /// Rows in `_sdc_loads`, as JSON objects, times normalised as in [`Destination::rows`].
+    pub async fn loads(&self, schema: &str) -> Vec<Row> {
+        self.json_rows(schema, "_sdc_loads")
+            .await
+            .into_iter()
+            .map(|text| {
+                let Value::Object(row) = serde_json::from_str(&text).expect("row as JSON") else {
+                    panic!("row is not an object: {text}")
+                };
+                row.into_iter()
+                    .map(|(k, v)| {
+                        let time = ["minute", "first_received_at", "last_received_at"]
+                            .contains(&k.as_str());
+                        let v = if time {
+                            normalise(Some(ColumnType::Timestamp), v)
+                        } else {
+                            v
+                        };
+                        (k, v)
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
     async fn json_rows(&self, schema: &str, table: &str) -> Vec<String> {
         let warehouse = self.warehouse(schema);
         let from = qualified(schema, table);

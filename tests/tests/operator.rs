@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 use sluice_ingest::load::Warehouse;
 use sluice_ingest::protocol::sign;
 use sluice_operator::crd::{
-    ConditionStatus, DISPLAY_NAME_IMMUTABLE_MESSAGE, SCHEMA_IMMUTABLE_MESSAGE,
+    ConditionStatus, DISPLAY_NAME_IMMUTABLE_MESSAGE, RefusalReport, SCHEMA_IMMUTABLE_MESSAGE,
 };
 use sluice_operator::leader::{self, Settings, Timing};
 use sluice_operator::metrics::{self, Metrics};
@@ -240,7 +240,9 @@ async fn integration_provisions_credentials_deployment_service_schema_and_status
         tables_in(&url, "shop_events").await,
         [
             "_sdc_columns",
+            "_sdc_loads",
             "_sdc_ownership",
+            "_sdc_refusals",
             "_sdc_rejected",
             "group",
             "identify",
@@ -815,7 +817,9 @@ async fn drop_removes_only_what_sluice_created() {
         [
             "schema:public:false",
             "table:_sdc_columns:true",
+            "table:_sdc_loads:true",
             "table:_sdc_ownership:true",
+            "table:_sdc_refusals:true",
             "table:_sdc_rejected:true",
             "table:group:true",
             "table:identify:true",
@@ -1056,7 +1060,9 @@ async fn ingest_started_as_the_deployment_says_loads_a_signed_webhook() {
         tables_in(&url, "stitch_segment").await,
         [
             "_sdc_columns",
+            "_sdc_loads",
             "_sdc_ownership",
+            "_sdc_refusals",
             "_sdc_rejected",
             "identify",
             "track"
@@ -1064,6 +1070,31 @@ async fn ingest_started_as_the_deployment_says_loads_a_signed_webhook() {
     );
     process.terminate();
     assert!(process.wait().await, "sluice-ingest exits 0 on SIGTERM");
+
+    // The two refused requests (401) were added to _sdc_refusals (at the latest at shutdown);
+    // the next reconcile, here caused by an annotation, reports them in the status.
+    h.integrations()
+        .patch(
+            "wired",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"sluice.dev/test-nudge": "1"}}})),
+        )
+        .await
+        .expect("annotate");
+    let api = h.integrations();
+    let refused = eventually("the status to report the refused requests", || async {
+        let si = api.get("wired").await.ok()?;
+        let refused = si.status?.refused_last_hour;
+        (!refused.is_empty()).then_some(refused)
+    })
+    .await;
+    assert_eq!(
+        refused,
+        [RefusalReport {
+            reason: "unauthorized".to_owned(),
+            count: 2
+        }]
+    );
 }
 
 /// Leader election timing for tests: short, in client-go's proportions.

@@ -188,6 +188,74 @@ impl Rejected {
     }
 }
 
+/// A row of `_sdc_rejected` without the record itself, as the status page lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RejectedRow {
+    /// When the record was set aside.
+    pub rejected_at: DateTime<Utc>,
+    /// The table it was meant for.
+    pub table_name: String,
+    /// Its `message_id`.
+    pub message_id: Option<String>,
+    /// Why the database refused it.
+    pub reason: String,
+}
+
+/// What one transaction adds to a table's row of `_sdc_loads` for the current minute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TableLoad {
+    table: Table,
+    loaded: i64,
+    rejected: i64,
+    columns_added: i64,
+    first_received_at: Option<DateTime<Utc>>,
+    last_received_at: Option<DateTime<Utc>>,
+}
+
+impl TableLoad {
+    fn new(table: Table) -> TableLoad {
+        TableLoad {
+            table,
+            loaded: 0,
+            rejected: 0,
+            columns_added: 0,
+            first_received_at: None,
+            last_received_at: None,
+        }
+    }
+
+    /// The loads of `tables` written from `items`, of which the `refused` records were set
+    /// aside instead.
+    fn of_rows(tables: &[TableRows<'_>], items: &[Item], refused: &[Rejected]) -> Vec<TableLoad> {
+        tables
+            .iter()
+            .map(|rows| {
+                let mut load = TableLoad::new(rows.table);
+                for &i in &rows.items {
+                    let item = &items[i];
+                    let set_aside = refused.iter().any(|r| {
+                        r.table == item.record.table && r.message_id == item.record.message_id
+                    });
+                    if set_aside {
+                        load.rejected += 1;
+                        continue;
+                    }
+                    load.loaded += 1;
+                    let at = item.received_at;
+                    load.first_received_at = Some(load.first_received_at.map_or(at, |t| t.min(at)));
+                    load.last_received_at = Some(load.last_received_at.map_or(at, |t| t.max(at)));
+                }
+                load
+            })
+            .collect()
+    }
+}
+
+/// The start of the minute of `at`.
+fn minute_of(at: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp(at.timestamp().div_euclid(60) * 60, 0).unwrap_or(at)
+}
+
 /// How long the database may keep Sluice waiting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
@@ -285,10 +353,10 @@ impl Warehouse {
         }
     }
 
-    /// Creates the schema, the event tables in `tables`, `_sdc_rejected` and `_sdc_columns` if
-    /// they are missing, and records the tables' base columns in `_sdc_columns`. Safe to run
-    /// from several processes at once; changes nothing that exists, and needs no privilege for
-    /// what exists (a schema created beforehand needs only `USAGE` and `CREATE` on it, not
+    /// Creates the schema, the event tables in `tables`, `_sdc_rejected`, `_sdc_columns`,
+    /// `_sdc_loads` and `_sdc_refusals` if they are missing, and records the tables' base
+    /// columns in `_sdc_columns`. Safe to run from several processes at once; changes nothing
+    /// that exists, and needs no privilege for what exists (a schema created beforehand needs only `USAGE` and `CREATE` on it, not
     /// `CREATE` on the database).
     pub async fn ensure_schema(&self, tables: &[Table]) -> Result<(), LoadError> {
         let mut tx = self.ddl_transaction().await?;
@@ -336,6 +404,100 @@ impl Warehouse {
         Ok(report)
     }
 
+    /// The `limit` most recent rows of `_sdc_rejected`, newest first, without the records
+    /// themselves.
+    pub async fn latest_rejected(&self, limit: u32) -> Result<Vec<RejectedRow>, LoadError> {
+        use crate::schema::{REJECTED, quote_ident};
+        let sql = format!(
+            "{} ORDER BY {} DESC LIMIT {limit}",
+            REJECTED.select_sql(
+                &self.schema,
+                &["_sdc_rejected_at", "table_name", "message_id", "reason"]
+            ),
+            quote_ident("_sdc_rejected_at")
+        );
+        type Row = (DateTime<Utc>, String, Option<String>, String);
+        let rows: Vec<Row> = match &self.pool {
+            Pool::Postgres(pool) => sqlx::query_as(AssertSqlSafe(sql)).fetch_all(pool).await,
+            Pool::Sqlite(pool) => sqlx::query_as(AssertSqlSafe(sql)).fetch_all(pool).await,
+        }
+        .map_err(|e| self.error(e))?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(rejected_at, table_name, message_id, reason)| RejectedRow {
+                    rejected_at,
+                    table_name,
+                    message_id,
+                    reason,
+                },
+            )
+            .collect())
+    }
+
+    /// Adds refusal counts to `_sdc_refusals`, in one transaction.
+    pub async fn add_refusals(
+        &self,
+        counts: &[crate::refused::RefusalCount],
+    ) -> Result<(), LoadError> {
+        let mut tx = self.begin().await.map_err(|e| self.error(e))?;
+        // Four parameters per row: well inside both databases' limits.
+        for chunk in counts.chunks(500) {
+            let sql = schema::upsert_refusals_sql(self.dialect(), &self.schema, chunk.len());
+            macro_rules! bind_counts {
+                ($time:expr) => {{
+                    let mut query = sqlx::query(AssertSqlSafe(sql));
+                    for c in chunk {
+                        query = query
+                            .bind($time(c.minute))
+                            .bind(c.route.as_str())
+                            .bind(c.reason.code())
+                            .bind(c.count);
+                    }
+                    query
+                }};
+            }
+            match &mut tx {
+                Tx::Postgres(tx) => bind_counts!(|t: DateTime<Utc>| t)
+                    .execute(&mut **tx)
+                    .await
+                    .map(drop),
+                Tx::Sqlite(tx) => {
+                    bind_counts!(|t: DateTime<Utc>| crate::normalize::format_timestamp(&t))
+                        .execute(&mut **tx)
+                        .await
+                        .map(drop)
+                }
+            }
+            .map_err(|e| self.error(e))?;
+        }
+        tx.commit().await.map_err(|e| self.error(e))
+    }
+
+    /// Refused requests per reason code since `since`, from `_sdc_refusals`, by reason: what
+    /// every replica refused.
+    pub async fn refusals_since(
+        &self,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<(String, i64)>, LoadError> {
+        let sql = schema::refusals_since_sql(self.dialect(), &self.schema);
+        match &self.pool {
+            Pool::Postgres(pool) => {
+                sqlx::query_as(AssertSqlSafe(sql))
+                    .bind(since)
+                    .fetch_all(pool)
+                    .await
+            }
+            Pool::Sqlite(pool) => {
+                sqlx::query_as(AssertSqlSafe(sql))
+                    .bind(crate::normalize::format_timestamp(&since))
+                    .fetch_all(pool)
+                    .await
+            }
+        }
+        .map_err(|e| self.error(e))
+    }
+
     /// Adds the columns an [`Evolution`] asks for, under the schema's DDL lock: names them
     /// against the catalog as it is now ([`schema::TableColumns::plan_columns`]), skips any that
     /// another writer added meanwhile, and records them in `_sdc_columns` in the same
@@ -348,6 +510,7 @@ impl Warehouse {
         }
         .map_err(|e| self.error(e))?;
         let mut records = Vec::new();
+        let mut loads = Vec::new();
         for (table, needs) in &evolution.0 {
             let columns = current.0.entry(*table).or_default();
             let new = columns.plan_columns(*table, needs);
@@ -362,6 +525,12 @@ impl Warehouse {
             for sql in add_columns_sql(self.dialect(), &self.schema, *table, &add) {
                 tx.execute(&sql).await.map_err(|e| self.error(e))?;
             }
+            if !add.is_empty() {
+                loads.push(TableLoad {
+                    columns_added: i64::try_from(add.len()).unwrap_or(i64::MAX),
+                    ..TableLoad::new(*table)
+                });
+            }
             for c in new {
                 let sql_type = columns
                     .get(&c.record.column)
@@ -370,7 +539,11 @@ impl Warehouse {
                 records.push(c.record);
             }
         }
-        tx.insert_records(&self.schema, &records, Utc::now())
+        let now = Utc::now();
+        tx.insert_records(&self.schema, &records, now)
+            .await
+            .map_err(|e| self.error(e))?;
+        tx.record_loads(&self.schema, &loads, now)
             .await
             .map_err(|e| self.error(e))?;
         tx.commit().await.map_err(|e| self.error(e))?;
@@ -426,7 +599,7 @@ impl Warehouse {
                 }
                 Err(other) => return Err(other),
             };
-            let error = match self.insert_all(&tables).await {
+            let error = match self.insert_all(&tables, &items).await {
                 Ok(()) => return Ok(LoadSummary::of(&tables, &[])),
                 Err(error) => error,
             };
@@ -485,11 +658,18 @@ impl Warehouse {
         ))
     }
 
-    async fn insert_all(&self, tables: &[TableRows<'_>]) -> Result<(), sqlx::Error> {
+    /// Upserts every table's rows in one transaction, with their line in `_sdc_loads`.
+    async fn insert_all(
+        &self,
+        tables: &[TableRows<'_>],
+        items: &[Item],
+    ) -> Result<(), sqlx::Error> {
         let mut tx = self.begin().await?;
         for rows in tables {
             tx.insert(&self.schema, rows).await?;
         }
+        let loads = TableLoad::of_rows(tables, items, &[]);
+        tx.record_loads(&self.schema, &loads, Utc::now()).await?;
         tx.commit().await
     }
 
@@ -529,6 +709,10 @@ impl Warehouse {
                 .await
                 .map_err(|e| self.error(e))?;
         }
+        let loads = TableLoad::of_rows(tables, items, &rejected);
+        tx.record_loads(&self.schema, &loads, now)
+            .await
+            .map_err(|e| self.error(e))?;
         tx.commit().await.map_err(|e| self.error(e))?;
         Ok(rejected)
     }
@@ -595,6 +779,48 @@ impl Tx {
                     let at = crate::normalize::format_timestamp(&at);
                     bind_chunk!(at.as_str()).execute(&mut **tx).await?;
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds `loads` to their tables' rows of `_sdc_loads` for the minute of `at`.
+    async fn record_loads(
+        &mut self,
+        schema: &str,
+        loads: &[TableLoad],
+        at: DateTime<Utc>,
+    ) -> Result<(), sqlx::Error> {
+        if loads.is_empty() {
+            return Ok(());
+        }
+        let minute = minute_of(at);
+        let sql = schema::upsert_loads_sql(self.dialect(), schema, loads.len());
+        // The same parameters on both databases; only the times' encoding differs.
+        macro_rules! bind_loads {
+            ($time:expr) => {{
+                let mut query = sqlx::query(AssertSqlSafe(sql));
+                for load in loads {
+                    query = query
+                        .bind(load.table.name())
+                        .bind($time(minute))
+                        .bind(load.loaded)
+                        .bind(load.rejected)
+                        .bind(load.columns_added)
+                        .bind(load.first_received_at.map($time))
+                        .bind(load.last_received_at.map($time));
+                }
+                query
+            }};
+        }
+        match self {
+            Tx::Postgres(tx) => {
+                bind_loads!(|t: DateTime<Utc>| t).execute(&mut **tx).await?;
+            }
+            Tx::Sqlite(tx) => {
+                bind_loads!(|t: DateTime<Utc>| crate::normalize::format_timestamp(&t))
+                    .execute(&mut **tx)
+                    .await?;
             }
         }
         Ok(())

@@ -14,8 +14,8 @@ use crate::event::Table;
 use chrono::Utc;
 
 use crate::schema::{
-    COLUMNS_TABLE, ColumnRecord, REJECTED_TABLE, create_columns_sql, create_rejected_sql,
-    create_schema_sql, create_table_sql, qualified,
+    COLUMNS_TABLE, ColumnRecord, LOADS, LOADS_TABLE, REFUSALS, REFUSALS_TABLE, REJECTED_TABLE,
+    create_columns_sql, create_rejected_sql, create_schema_sql, create_table_sql, qualified,
 };
 
 /// The schema and the relations in it, as they were before a step changed anything.
@@ -78,9 +78,10 @@ impl Tx {
 
 impl Warehouse {
     /// Creates, inside a transaction holding the schema's DDL lock, the schema, the event
-    /// tables in `tables`, `_sdc_rejected` and `_sdc_columns` where they do not exist yet,
-    /// records the tables' base columns in `_sdc_columns`, and says what it created. Nothing
-    /// that exists is created again, or needs a privilege to create.
+    /// tables in `tables`, `_sdc_rejected`, `_sdc_columns`, `_sdc_loads` and `_sdc_refusals`
+    /// where they do not exist yet, records the tables' base columns in `_sdc_columns`, and
+    /// says what it created. Nothing that exists is created again, or needs a privilege to
+    /// create.
     pub(super) async fn create_missing(
         &self,
         tx: &mut Tx,
@@ -102,6 +103,8 @@ impl Warehouse {
             .chain([
                 (REJECTED_TABLE, create_rejected_sql(&self.schema)),
                 (COLUMNS_TABLE, create_columns_sql(&self.schema)),
+                (LOADS_TABLE, LOADS.create_sql(&self.schema)),
+                (REFUSALS_TABLE, REFUSALS.create_sql(&self.schema)),
             ]);
         for (name, sql) in statements {
             if existing.relations.contains(name) {

@@ -3,6 +3,8 @@
 //! | route | what |
 //! |---|---|
 //! | `POST`/`PUT`/`PATCH /v1/webhook` | one Segment event (object) or a batch (array, up to 4000) |
+//! | `GET /` | the status page: tables, activity, refusals, rejected records, configuration |
+//! | `GET /v1/refused` | the last refused requests, most recent first (JSON) |
 //! | `GET /healthz` | the process is alive |
 //! | `GET /readyz` | the database answers and the schema's tables exist |
 //! | `GET /metrics` | Prometheus text |
@@ -17,6 +19,7 @@
 
 mod auth;
 mod serve;
+mod status;
 mod tracking;
 
 use std::sync::Arc;
@@ -38,11 +41,12 @@ pub use tracking::{
     CorsOrigins, Refused, WriteKeys, corrected_timestamp, decode_object, enrich, split_batch,
 };
 
-use crate::event::{Call, InvalidEvent, Table, json_kind, validate};
+use crate::event::{Call, InvalidEvent, Table, id_text, json_kind, validate};
 use crate::json;
 use crate::load::{LoadError, Loader, Outcome, RETRY_AFTER, Warehouse};
 use crate::metrics::Metrics;
 use crate::normalize::{Record, normalize_selected};
+use crate::refused::{Reason, Refusal, RefusalLog};
 use crate::selection::Selection;
 use crate::startup::Readiness;
 
@@ -77,6 +81,11 @@ pub struct AppState {
     pub commit_timeout: Duration,
     /// Whether the schema is prepared; events wait for it.
     pub readiness: Readiness,
+    /// The last refused requests, for `GET /v1/refused` and the status page.
+    pub refusals: Arc<RefusalLog>,
+    /// The configuration in force as the status page shows it, secrets masked
+    /// ([`crate::Config::shown`]).
+    pub settings: Arc<Vec<(&'static str, String)>>,
 }
 
 /// The router of the ingest service.
@@ -98,6 +107,8 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             require_prepared,
         ))
+        .route("/", get(status::page))
+        .route("/v1/refused", get(refused))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -127,19 +138,51 @@ async fn require_prepared(
     }
 }
 
+/// Counts every answer by status, and every refusal by route and reason, keeping the
+/// refusal in the extraction log ([`crate::refused`]).
 async fn count_status(
     State(state): State<Arc<AppState>>,
     request: Request,
     next: Next,
 ) -> Response {
+    // Refusals come only from the routes above, so decoded paths are a small, fixed set of
+    // labels however a client spells them.
+    let route = percent_encoding::percent_decode_str(request.uri().path())
+        .decode_utf8_lossy()
+        .into_owned();
     let response = next.run(request).await;
-    state.metrics.request(response.status().as_u16());
+    let status = response.status().as_u16();
+    state.metrics.request(status);
+    if let Some(refusal) = response.extensions().get::<Refusal>() {
+        state.metrics.refused(&route, refusal.reason);
+        state.refusals.record(Utc::now(), &route, status, refusal);
+    }
     response
 }
 
 /// An error answer: the status and `{"error": message}`.
 fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
     (status, axum::Json(json!({ "error": message.to_string() }))).into_response()
+}
+
+/// A refusal: the status and `{"error": message}`, with the [`Refusal`] attached for the
+/// extraction log.
+fn refuse(status: StatusCode, refusal: Refusal) -> Response {
+    let mut response = error(status, &refusal.message);
+    response.extensions_mut().insert(refusal);
+    response
+}
+
+/// A 401 for a request without acceptable credentials.
+fn refuse_unauthorized(unauthorized: Unauthorized) -> Response {
+    refuse(
+        StatusCode::UNAUTHORIZED,
+        Refusal {
+            reason: Reason::Unauthorized,
+            message: unauthorized.to_string(),
+            message_id: None,
+        },
+    )
 }
 
 /// A 503 asking the sender to retry: Segment retries for hours, so nothing is lost.
@@ -154,31 +197,43 @@ fn unavailable(message: impl std::fmt::Display) -> Response {
 
 /// A request the service refuses, as an answer.
 #[derive(Debug)]
-enum Refusal {
+enum RequestError {
     TooLarge(usize),
     SlowBody(Duration),
     Malformed(String),
     Invalid {
         index: Option<usize>,
+        message_id: Option<String>,
         problem: InvalidEvent,
     },
     TooMany(usize),
     Delete,
 }
 
-impl IntoResponse for Refusal {
+impl IntoResponse for RequestError {
     fn into_response(self) -> Response {
+        let refusal = |reason, message: String| Refusal {
+            reason,
+            message,
+            message_id: None,
+        };
         match self {
-            Refusal::TooLarge(limit) => error(
+            RequestError::TooLarge(limit) => refuse(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                format!("request body is larger than {limit} bytes"),
+                refusal(
+                    Reason::TooLarge,
+                    format!("request body is larger than {limit} bytes"),
+                ),
             ),
-            Refusal::SlowBody(limit) => {
-                let mut response = error(
+            RequestError::SlowBody(limit) => {
+                let mut response = refuse(
                     StatusCode::REQUEST_TIMEOUT,
-                    format!(
-                        "the request body did not arrive within {} ms",
-                        limit.as_millis()
+                    refusal(
+                        Reason::BodyTimeout,
+                        format!(
+                            "the request body did not arrive within {} ms",
+                            limit.as_millis()
+                        ),
                     ),
                 );
                 // The rest of the body may still be on its way: the connection cannot carry
@@ -188,25 +243,46 @@ impl IntoResponse for Refusal {
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
                 response
             }
-            Refusal::Malformed(reason) => {
-                error(StatusCode::BAD_REQUEST, format!("malformed JSON: {reason}"))
-            }
-            Refusal::Invalid { index, problem } => {
-                let mut body = json!({ "error": problem.to_string() });
+            RequestError::Malformed(reason) => refuse(
+                StatusCode::BAD_REQUEST,
+                refusal(Reason::MalformedJson, format!("malformed JSON: {reason}")),
+            ),
+            RequestError::Invalid {
+                index,
+                message_id,
+                problem,
+            } => {
+                let message = match index {
+                    Some(index) => format!("event {index}: {problem}"),
+                    None => problem.to_string(),
+                };
+                let mut body = json!({ "error": message });
                 if let Some(index) = index {
                     body["index"] = json!(index);
-                    body["error"] = json!(format!("event {index}: {problem}"));
                 }
-                (StatusCode::BAD_REQUEST, axum::Json(body)).into_response()
+                let mut response = (StatusCode::BAD_REQUEST, axum::Json(body)).into_response();
+                response.extensions_mut().insert(Refusal {
+                    reason: Reason::InvalidEvent,
+                    message,
+                    message_id,
+                });
+                response
             }
-            Refusal::TooMany(n) => error(
+            RequestError::TooMany(n) => refuse(
                 StatusCode::BAD_REQUEST,
-                format!("a batch holds at most {MAX_WEBHOOK_EVENTS} events, this one has {n}"),
+                refusal(
+                    Reason::TooManyEvents,
+                    format!("a batch holds at most {MAX_WEBHOOK_EVENTS} events, this one has {n}"),
+                ),
             ),
-            Refusal::Delete => error(
+            RequestError::Delete => refuse(
                 StatusCode::NOT_IMPLEMENTED,
-                "user deletion requests (type \"delete\") are not supported by Sluice; \
-                 delete the user's rows with SQL",
+                refusal(
+                    Reason::DeleteUnsupported,
+                    "user deletion requests (type \"delete\") are not supported by Sluice; \
+                     delete the user's rows with SQL"
+                        .to_owned(),
+                ),
             ),
         }
     }
@@ -214,18 +290,18 @@ impl IntoResponse for Refusal {
 
 /// Reads a body up to the size limit, within the body read timeout, so that a client sending
 /// slowly cannot hold a connection and its memory for long.
-async fn read_body(state: &AppState, body: Body) -> Result<Bytes, Refusal> {
+async fn read_body(state: &AppState, body: Body) -> Result<Bytes, RequestError> {
     let limit = state.max_body_bytes;
     match tokio::time::timeout(state.body_read_timeout, axum::body::to_bytes(body, limit)).await {
-        Ok(read) => read.map_err(|_| Refusal::TooLarge(limit)),
-        Err(_) => Err(Refusal::SlowBody(state.body_read_timeout)),
+        Ok(read) => read.map_err(|_| RequestError::TooLarge(limit)),
+        Err(_) => Err(RequestError::SlowBody(state.body_read_timeout)),
     }
 }
 
 /// Splits a body into its events: one object, or the elements of an array, each with the exact
 /// bytes it came from (after [`json::repair`]).
-fn parse_events(body: &Bytes) -> Result<Vec<(Value, Bytes)>, Refusal> {
-    let malformed = |e: json::JsonError| Refusal::Malformed(e.to_string());
+fn parse_events(body: &Bytes) -> Result<Vec<(Value, Bytes)>, RequestError> {
+    let malformed = |e: json::JsonError| RequestError::Malformed(e.to_string());
     let body = match json::repair(body).map_err(malformed)? {
         std::borrow::Cow::Borrowed(_) => body.clone(),
         std::borrow::Cow::Owned(repaired) => Bytes::from(repaired),
@@ -233,7 +309,7 @@ fn parse_events(body: &Bytes) -> Result<Vec<(Value, Bytes)>, Refusal> {
     if body.trim_ascii_start().starts_with(b"[") {
         let elements: Vec<&serde_json::value::RawValue> = json::parse(&body).map_err(malformed)?;
         if elements.len() > MAX_WEBHOOK_EVENTS {
-            return Err(Refusal::TooMany(elements.len()));
+            return Err(RequestError::TooMany(elements.len()));
         }
         elements
             .into_iter()
@@ -245,8 +321,9 @@ fn parse_events(body: &Bytes) -> Result<Vec<(Value, Bytes)>, Refusal> {
     } else {
         let value: Value = json::parse(&body).map_err(malformed)?;
         if !value.is_object() {
-            return Err(Refusal::Invalid {
+            return Err(RequestError::Invalid {
                 index: None,
+                message_id: None,
                 problem: InvalidEvent::NotAnObject(json_kind(&value)),
             });
         }
@@ -264,17 +341,21 @@ fn prepare(
     events: Vec<(Value, Bytes)>,
     state: &AppState,
     batch: bool,
-) -> Result<Prepared, Refusal> {
+) -> Result<Prepared, RequestError> {
     let tables = &state.tables;
     let mut records = Vec::with_capacity(events.len());
     let mut skipped = Vec::new();
     for (index, (value, raw)) in events.into_iter().enumerate() {
-        let envelope = validate(&value).map_err(|problem| Refusal::Invalid {
+        let envelope = validate(&value).map_err(|problem| RequestError::Invalid {
             index: batch.then_some(index),
+            message_id: value
+                .get("messageId")
+                .and_then(id_text)
+                .map(|id| id.into_owned()),
             problem,
         })?;
         let table = match envelope.call {
-            Call::Delete => return Err(Refusal::Delete),
+            Call::Delete => return Err(RequestError::Delete),
             Call::Load(table) => table,
         };
         if !tables.contains(&table) {
@@ -300,7 +381,7 @@ async fn webhook(State(state): State<Arc<AppState>>, headers: HeaderMap, body: B
         Err(refusal) => return refusal.into_response(),
     };
     if let Err(unauthorized) = state.auth.check(&headers, &body) {
-        return error(StatusCode::UNAUTHORIZED, unauthorized);
+        return refuse_unauthorized(unauthorized);
     }
     let batch = body.trim_ascii_start().starts_with(b"[");
     let prepared = parse_events(&body).and_then(|events| prepare(events, &state, batch));
@@ -369,6 +450,16 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         Ok(Err(e)) => unavailable(e),
         Err(_) => unavailable("the database did not answer within 3 s"),
     }
+}
+
+/// `GET /v1/refused`: the extraction log, most recent first, behind the webhook's credentials
+/// (the API key as the Basic user name, or `X-Signature` of the empty body).
+async fn refused(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Err(unauthorized) = state.auth.check(&headers, b"") {
+        return refuse_unauthorized(unauthorized);
+    }
+    let entries = state.refusals.latest(state.refusals.capacity());
+    (StatusCode::OK, axum::Json(entries)).into_response()
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {

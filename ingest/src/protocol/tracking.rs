@@ -26,10 +26,11 @@ use chrono::{DateTime, Utc};
 use serde_json::{Map, Value, json};
 use sha1::{Digest, Sha1};
 
-use super::{AppState, commit, error, prepare, read_body, unavailable};
+use super::{AppState, commit, error, prepare, read_body, refuse, unavailable};
 use crate::event::Table;
 use crate::json;
 use crate::normalize::{format_timestamp, parse_timestamp};
+use crate::refused::{Reason, Refusal};
 
 /// Largest event, in bytes of JSON.
 pub const MAX_EVENT_BYTES: usize = 32 * 1024;
@@ -91,18 +92,27 @@ impl WriteKeys {
     }
 }
 
-/// A Tracking API request refused: the status to answer and what was wrong.
+/// A Tracking API request refused: the status to answer, why (for the extraction log) and
+/// what was wrong.
 #[derive(Debug)]
-pub struct Refused(pub StatusCode, pub String);
+pub struct Refused(pub StatusCode, pub Reason, pub String);
 
 impl IntoResponse for Refused {
     fn into_response(self) -> Response {
-        error(self.0, self.1)
+        let Refused(status, reason, message) = self;
+        refuse(
+            status,
+            Refusal {
+                reason,
+                message,
+                message_id: None,
+            },
+        )
     }
 }
 
-fn bad(message: impl Into<String>) -> Refused {
-    Refused(StatusCode::BAD_REQUEST, message.into())
+fn bad(reason: Reason, message: impl Into<String>) -> Refused {
+    Refused(StatusCode::BAD_REQUEST, reason, message.into())
 }
 
 /// Origins whose browsers may send events (CORS); `*` allows any.
@@ -236,6 +246,7 @@ fn parse(
     if !state.write_keys.accepts(key.as_deref()) {
         return Err(Refused(
             StatusCode::UNAUTHORIZED,
+            Reason::Unauthorized,
             "missing or unknown write key: send it as the Basic user name or as \"writeKey\""
                 .to_owned(),
         ));
@@ -268,17 +279,20 @@ pub fn decode_object(
     let body = decompress(content_encoding, body, limit)?;
     if body.len() > limit {
         let what = if batch { "batch" } else { "event" };
-        return Err(bad(format!(
-            "{what} is larger than the limit of {} ({} bytes)",
-            kib(limit),
-            body.len()
-        )));
+        return Err(bad(
+            Reason::TooLarge,
+            format!(
+                "{what} is larger than the limit of {} ({} bytes)",
+                kib(limit),
+                body.len()
+            ),
+        ));
     }
-    let malformed = |e: json::JsonError| bad(format!("malformed JSON: {e}"));
+    let malformed = |e: json::JsonError| bad(Reason::MalformedJson, format!("malformed JSON: {e}"));
     let repaired = json::repair(&body).map_err(malformed)?;
     match json::parse(&repaired).map_err(malformed)? {
         Value::Object(object) => Ok(object),
-        _ => Err(bad("the body must be a JSON object")),
+        _ => Err(bad(Reason::InvalidEvent, "the body must be a JSON object")),
     }
 }
 
@@ -296,29 +310,39 @@ pub fn split_batch(mut object: Map<String, Value>) -> Result<Vec<Map<String, Val
         Some(Value::Array(items)) => items,
         _ => {
             return Err(bad(
+                Reason::InvalidEvent,
                 "missing \"batch\": a batch request holds an array of events",
             ));
         }
     };
     if items.len() > MAX_TRACKING_BATCH_EVENTS {
-        return Err(bad(format!(
-            "batch has {} events, more than the limit of {MAX_TRACKING_BATCH_EVENTS}",
-            items.len()
-        )));
+        return Err(bad(
+            Reason::TooManyEvents,
+            format!(
+                "batch has {} events, more than the limit of {MAX_TRACKING_BATCH_EVENTS}",
+                items.len()
+            ),
+        ));
     }
     items
         .into_iter()
         .enumerate()
         .map(|(index, item)| {
             let Value::Object(mut item) = item else {
-                return Err(bad(format!("event {index}: must be a JSON object")));
+                return Err(bad(
+                    Reason::InvalidEvent,
+                    format!("event {index}: must be a JSON object"),
+                ));
             };
             let size = json_len(&item);
             if size > MAX_EVENT_BYTES {
-                return Err(bad(format!(
-                    "event {index}: larger than the limit of {} ({size} bytes)",
-                    kib(MAX_EVENT_BYTES)
-                )));
+                return Err(bad(
+                    Reason::TooLarge,
+                    format!(
+                        "event {index}: larger than the limit of {} ({size} bytes)",
+                        kib(MAX_EVENT_BYTES)
+                    ),
+                ));
             }
             item.remove("writeKey");
             for shared in ["context", "integrations"] {
@@ -374,11 +398,17 @@ fn decompress(encoding: Option<&str>, body: Bytes, limit: usize) -> Result<Bytes
             flate2::read::GzDecoder::new(&body[..])
                 .take(limit as u64 + 1)
                 .read_to_end(&mut out)
-                .map_err(|e| bad(format!("cannot decode the gzip body: {e}")))?;
+                .map_err(|e| {
+                    bad(
+                        Reason::MalformedJson,
+                        format!("cannot decode the gzip body: {e}"),
+                    )
+                })?;
             Ok(Bytes::from(out))
         }
         Some(other) => Err(Refused(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Reason::UnsupportedEncoding,
             format!("unsupported Content-Encoding {other:?}: send gzip or none"),
         )),
     }
@@ -581,7 +611,7 @@ mod tests {
     #[test]
     fn batch_limits_name_the_limit() {
         let many = json!({"batch": vec![json!({"type": "track"}); MAX_TRACKING_BATCH_EVENTS + 1]});
-        let Err(Refused(status, message)) =
+        let Err(Refused(status, _, message)) =
             split_batch(serde_json::from_value(many).expect("object"))
         else {
             panic!("refused")
@@ -589,7 +619,7 @@ mod tests {
         assert_eq!(status, StatusCode::BAD_REQUEST);
         assert!(message.contains("2500"), "{message}");
         let big = json!({"batch": [{"type": "track", "x": "y".repeat(MAX_EVENT_BYTES)}]});
-        let Err(Refused(_, message)) = split_batch(serde_json::from_value(big).expect("object"))
+        let Err(Refused(_, _, message)) = split_batch(serde_json::from_value(big).expect("object"))
         else {
             panic!("refused")
         };
