@@ -17,7 +17,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::api::networking::v1::Ingress;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ListParams, PartialObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
@@ -266,6 +266,11 @@ pub async fn run_gated(
         watcher::Config::default(),
     );
     let store = controller.store();
+    // Owned children are watched as metadata only (kube-runtime's `owns` does so): the owner
+    // reference is all the trigger needs. So are the destination Secrets, through an
+    // `Api<PartialObjectMeta<Secret>>` (kube asks the API server for metadata only): the name is
+    // all the mapping needs, and a full watch would hold every Secret's data of the namespaces in
+    // memory while it lists them.
     controller
         .owns(scoped::<Deployment>(&client, ns), owned.clone())
         .owns(scoped::<Service>(&client, ns), owned.clone())
@@ -273,9 +278,9 @@ pub async fn run_gated(
         .owns(scoped::<Ingress>(&client, ns), owned.clone())
         .owns(scoped::<HorizontalPodAutoscaler>(&client, ns), owned)
         .watches(
-            scoped::<Secret>(&client, ns),
+            scoped::<PartialObjectMeta<Secret>>(&client, ns),
             watcher::Config::default(),
-            move |secret: Secret| {
+            move |secret: PartialObjectMeta<Secret>| {
                 let namespace = secret.namespace();
                 let name = secret.name_any();
                 store
