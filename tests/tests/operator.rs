@@ -6,8 +6,6 @@
 //! status as the controller manager would), and owner references are never garbage-collected
 //! (deletion is proven through the operator's finalizer).
 
-use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
@@ -16,181 +14,25 @@ use k8s_openapi::api::core::v1::{Container, Secret, Service};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::networking::v1::Ingress;
 use k8s_openapi::api::rbac::v1::{ClusterRole, RoleBinding, RoleRef, Subject};
+use kube::Api;
 use kube::api::{
     ApiResource, DeleteParams, DynamicObject, ObjectMeta, Patch, PatchParams, PostParams,
 };
-use kube::{Api, Client, CustomResourceExt};
-use serde_json::{Value, json};
+use serde_json::json;
 use sluice_ingest::load::Warehouse;
 use sluice_ingest::protocol::sign;
 use sluice_operator::crd::{
-    Condition, ConditionStatus, DISPLAY_NAME_IMMUTABLE_MESSAGE, SCHEMA_IMMUTABLE_MESSAGE,
+    ConditionStatus, DISPLAY_NAME_IMMUTABLE_MESSAGE, SCHEMA_IMMUTABLE_MESSAGE,
 };
 use sluice_operator::leader::{self, Settings, Timing};
-use sluice_operator::metrics::{self, Metrics};
+use sluice_operator::metrics;
 use sluice_operator::{SegmentIntegration, controller};
 use sluice_tests::ingest::Process;
-use sluice_tests::kube::{
-    TestNamespace, admin_client, namespace_with_crd, put_url_secret, restricted_client,
-    restricted_user,
-};
+use sluice_tests::kube::{TestNamespace, admin_client, restricted_client, restricted_user};
 use sluice_tests::postgres::fresh_database;
-use tokio::sync::oneshot;
 
-/// How long a test waits for the operator. Generous: the machine may be busy building.
-const EVENTUAL: Duration = Duration::from_secs(90);
-
-/// The image the test operator puts in Deployments (nothing pulls it here).
-const IMAGE: &str = "sluice-ingest:test";
-
-/// A namespace of the test's own with the CRD in place and the operator watching it. The
-/// operator stops when this is dropped.
-struct Harness {
-    client: Client,
-    namespace: String,
-    metrics: Arc<Metrics>,
-    _stop: oneshot::Sender<()>,
-}
-
-impl Harness {
-    async fn start(prefix: &str) -> Harness {
-        let client = admin_client().await.expect("admin client");
-        let namespace = Self::namespace(&client, prefix).await;
-        Self::start_operator(client.clone(), client, namespace, prefix)
-    }
-
-    /// A namespace of the test's own, with the CRD applied.
-    async fn namespace(client: &Client, prefix: &str) -> String {
-        namespace_with_crd(client, &SegmentIntegration::crd(), prefix)
-            .await
-            .expect("the SegmentIntegration CRD is Established and the namespace created")
-            .name()
-            .to_owned()
-    }
-
-    /// Runs the operator with `operator_client`; the test acts with `client`.
-    fn start_operator(
-        client: Client,
-        operator_client: Client,
-        namespace: String,
-        prefix: &str,
-    ) -> Harness {
-        let (stop, stopped) = oneshot::channel::<()>();
-        let config = controller::Config {
-            namespace: Some(namespace.clone()),
-            ingest_image: IMAGE.to_owned(),
-            instance: Some(format!("test-{prefix}")),
-            concurrency: 4,
-        };
-        let metrics = Arc::new(Metrics::default());
-        tokio::spawn(controller::run(
-            operator_client,
-            config,
-            metrics.clone(),
-            async move {
-                let _ = stopped.await;
-            },
-        ));
-        Harness {
-            client,
-            namespace,
-            metrics,
-            _stop: stop,
-        }
-    }
-
-    fn api<K>(&self) -> Api<K>
-    where
-        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
-        K::DynamicType: Default,
-    {
-        Api::namespaced(self.client.clone(), &self.namespace)
-    }
-
-    fn integrations(&self) -> Api<SegmentIntegration> {
-        self.api()
-    }
-
-    /// Creates (or replaces the value of) the Secret `name` with `url` under key `url`.
-    async fn put_url_secret(&self, name: &str, url: &str) {
-        put_url_secret(&self.client, &self.namespace, name, url)
-            .await
-            .expect("apply the warehouse Secret");
-    }
-
-    /// Creates a SegmentIntegration from the JSON of its spec.
-    async fn create(&self, name: &str, spec: Value) -> SegmentIntegration {
-        self.integrations()
-            .create(&PostParams::default(), &integration(name, spec))
-            .await
-            .expect("create the SegmentIntegration")
-    }
-
-    /// Merge-patches the spec of `name`.
-    async fn patch_spec(&self, name: &str, spec: Value) -> Result<SegmentIntegration, kube::Error> {
-        self.integrations()
-            .patch(
-                name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({ "spec": spec })),
-            )
-            .await
-    }
-
-    /// Waits until the integration `name` has condition `type_` with `status`, and returns it.
-    async fn wait_condition(
-        &self,
-        name: &str,
-        type_: &str,
-        status: ConditionStatus,
-    ) -> SegmentIntegration {
-        let api = self.integrations();
-        eventually(&format!("{name} to have {type_}={status:?}"), || async {
-            let si = api.get(name).await.ok()?;
-            let found = condition(&si, type_)?;
-            (found.status == status).then_some(si)
-        })
-        .await
-    }
-}
-
-fn integration(name: &str, spec: Value) -> SegmentIntegration {
-    serde_json::from_value(json!({
-        "apiVersion": "sluice.dev/v1alpha1",
-        "kind": "SegmentIntegration",
-        "metadata": {"name": name},
-        "spec": spec,
-    }))
-    .expect("a SegmentIntegration")
-}
-
-fn condition(si: &SegmentIntegration, type_: &str) -> Option<Condition> {
-    si.status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == type_)
-        .cloned()
-}
-
-/// Polls `probe` until it returns `Some`, for at most [`EVENTUAL`].
-async fn eventually<T, F, Fut>(what: &str, mut probe: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + EVENTUAL;
-    loop {
-        if let Some(value) = probe().await {
-            return value;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {EVENTUAL:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
+mod operator_support;
+use operator_support::*;
 
 /// The API error status of a request that must fail.
 fn api_status<T: std::fmt::Debug>(result: Result<T, kube::Error>) -> kube::core::Status {
@@ -239,10 +81,6 @@ async fn tables_in(url: &str, schema: &str) -> Vec<String> {
     .fetch_all(warehouse.postgres_pool().expect("postgres"))
     .await
     .expect("list tables")
-}
-
-fn spec_for(secret: &str) -> Value {
-    json!({"destination": {"urlSecretRef": {"name": secret}}})
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
