@@ -8,6 +8,7 @@ use clap::Parser;
 
 use crate::event::Table;
 use crate::load::{LoaderConfig, Owner, Timeouts};
+use crate::selection::{Selection, SelectionError};
 
 /// Receives Segment events over HTTP and loads them into PostgreSQL or SQLite.
 #[derive(Debug, Clone, Parser)]
@@ -45,6 +46,17 @@ pub struct Config {
     /// (Authorization header) for batched delivery.
     #[arg(long, env = "SLUICE_ACCEPT_FIRST_EVENT_SIGNATURES")]
     pub accept_first_event_signatures: bool,
+
+    /// Column selection, as JSON by table ("*" for all): key paths to exclude, to include only,
+    /// to keep as one JSON value, to pseudonymize, and a column budget (maxColumns). `@PATH`
+    /// reads the JSON from a file. See the README's "Column selection".
+    #[arg(long, env = "SLUICE_COLUMN_SELECTION", default_value = "")]
+    pub column_selection: String,
+
+    /// Secret key (at least 16 bytes) of the HMAC-SHA-256 that pseudonymized values are stored
+    /// as; needed when the column selection pseudonymizes anything.
+    #[arg(long, env = "SLUICE_PSEUDONYMIZATION_KEY", hide_env_values = true)]
+    pub pseudonymization_key: Option<String>,
 
     /// Write keys accepted by the HTTP Tracking API (/v1/track, /v1/batch, ...), comma-separated.
     /// With none, the Tracking API accepts any request.
@@ -199,6 +211,17 @@ impl Config {
         })
     }
 
+    /// The column selection in force: `--column-selection` (inline JSON, or `@PATH`) with the
+    /// pseudonymization key.
+    pub fn selection(&self) -> Result<Selection, SelectionError> {
+        let text = match self.column_selection.strip_prefix('@') {
+            Some(path) => std::fs::read_to_string(path)
+                .map_err(|e| SelectionError::Malformed(format!("cannot read {path}: {e}")))?,
+            None => self.column_selection.clone(),
+        };
+        Selection::parse(&text, self.pseudonymization_key.as_deref())
+    }
+
     /// The selected tables, deduplicated and sorted.
     pub fn selected_tables(&self) -> Vec<Table> {
         let mut tables = self.tables.clone();
@@ -257,7 +280,7 @@ mod tests {
     }
 
     #[test]
-    fn flags_parse() {
+    fn flags_select_tables_once_each_and_refuse_unknown_tables_and_empty_batches() {
         let config = Config::try_parse_from([
             "sluice-ingest",
             "--tables",
@@ -273,7 +296,15 @@ mod tests {
         assert_eq!(config.selected_tables(), vec![Table::Alias, Table::Track]);
         assert_eq!(config.max_batch_delay, Duration::from_millis(250));
         assert_eq!(config.max_batch_rows, 50);
-        assert!(Config::try_parse_from(["sluice-ingest", "--tables", "orders"]).is_err());
+        let unknown = Config::try_parse_from(["sluice-ingest", "--tables", "orders"])
+            .expect_err("orders is no table")
+            .to_string();
+        assert!(
+            unknown.contains("alias, group, identify, page, screen, track"),
+            "{unknown}"
+        );
+        let defaults = Config::try_parse_from(["sluice-ingest"]).expect("defaults");
+        assert_eq!(defaults.selected_tables(), Table::DEFAULT.to_vec());
         assert!(Config::try_parse_from(["sluice-ingest", "--max-batch-rows", "0"]).is_err());
     }
 }

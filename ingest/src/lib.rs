@@ -18,6 +18,7 @@ pub mod naming;
 pub mod normalize;
 pub mod protocol;
 pub mod schema;
+pub mod selection;
 pub mod startup;
 
 use std::future::Future;
@@ -39,6 +40,9 @@ pub enum RunError {
     /// The database or schema could not be prepared.
     #[error(transparent)]
     Load(#[from] LoadError),
+    /// The column selection cannot be used.
+    #[error(transparent)]
+    Selection(#[from] selection::SelectionError),
     /// The listening socket failed.
     #[error("cannot serve HTTP: {0}")]
     Io(#[from] std::io::Error),
@@ -52,13 +56,15 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
     let tables = config.selected_tables();
+    let selection = config.selection()?;
     let connections = config.writers + 2;
     let warehouse = Warehouse::connect_with(
         &config.database_url,
         &config.schema,
         connections,
         config.timeouts(),
-    )?;
+    )?
+    .with_column_budgets(selection.column_budgets());
     let dialect = warehouse.dialect();
     let readiness = Readiness::preparing();
     let preparing = tokio::spawn({
@@ -99,6 +105,7 @@ pub async fn run(
         write_keys,
         cors_origins: CorsOrigins::new(&config.cors_origins),
         tables,
+        selection: Arc::new(selection),
         metrics,
         max_body_bytes: config.max_body_bytes,
         body_read_timeout: config.body_read_timeout,

@@ -31,6 +31,7 @@ pub struct Metrics {
     requests: Family<StatusLabels, Counter>,
     loaded: Family<TableLabels, Counter>,
     skipped: Family<TableLabels, Counter>,
+    excluded: Family<TableLabels, Counter>,
     rejected: Family<TableLabels, Counter>,
     batch_rows: Histogram,
     commit_seconds: Histogram,
@@ -50,6 +51,7 @@ impl Metrics {
         let requests = Family::<StatusLabels, Counter>::default();
         let loaded = Family::<TableLabels, Counter>::default();
         let skipped = Family::<TableLabels, Counter>::default();
+        let excluded = Family::<TableLabels, Counter>::default();
         let rejected = Family::<TableLabels, Counter>::default();
         let batch_rows = Histogram::new(exponential_buckets(1.0, 2.0, 14));
         let commit_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
@@ -68,6 +70,11 @@ impl Metrics {
             "events_skipped",
             "Valid events acknowledged but not loaded because their table is not selected",
             skipped.clone(),
+        );
+        registry.register(
+            "values_excluded",
+            "Values the column selection kept out of the warehouse, by table",
+            excluded.clone(),
         );
         registry.register(
             "records_rejected",
@@ -94,6 +101,7 @@ impl Metrics {
             requests,
             loaded,
             skipped,
+            excluded,
             rejected,
             batch_rows,
             commit_seconds,
@@ -127,6 +135,11 @@ impl Metrics {
     /// Counts skipped events.
     pub fn skipped(&self, table: Table, n: usize) {
         Self::by_table(&self.skipped, table, n);
+    }
+
+    /// Counts values the column selection excluded.
+    pub fn excluded(&self, table: Table, n: usize) {
+        Self::by_table(&self.excluded, table, n);
     }
 
     /// Counts rejected records.

@@ -23,6 +23,7 @@ use crate::event::{Envelope, IDENTITY_KEYS, Table, id_text};
 use crate::json::{self, Special};
 use crate::naming::KeyPath;
 use crate::schema::ColumnType;
+use crate::selection::{TableSelection, Treatment};
 
 /// The top-level keys that Segment defines as timestamps and that load as `timestamptz`.
 pub const TIMESTAMP_KEYS: [&str; 4] = ["timestamp", "sentAt", "receivedAt", "originalTimestamp"];
@@ -121,8 +122,25 @@ pub struct Record {
 
 /// Flattens a validated event object into a [`Record`] for `table`, taking its strings.
 pub fn normalize(table: Table, envelope: &Envelope, event: Map<String, Value>) -> Record {
+    normalize_selected(table, envelope, event, &TableSelection::everything()).0
+}
+
+/// [`normalize`] under a column selection ([`crate::selection`]): excluded values are left out
+/// (their number is the second answer, values counted per excluded path), a subtree asked for as
+/// JSON is one value, a pseudonymized value is its keyed hash.
+pub fn normalize_selected(
+    table: Table,
+    envelope: &Envelope,
+    event: Map<String, Value>,
+    selection: &TableSelection,
+) -> (Record, usize) {
     let mut fields = Vec::with_capacity(event.len() * 2);
     let mut path = Vec::with_capacity(8);
+    let mut flattening = Flattening {
+        fields: &mut fields,
+        selection: (!selection.is_everything()).then_some(selection),
+        excluded: 0,
+    };
     for (key, value) in event {
         let value = if IDENTITY_KEYS.contains(&key.as_str()) {
             match id_text(&value) {
@@ -135,53 +153,102 @@ pub fn normalize(table: Table, envelope: &Envelope, event: Map<String, Value>) -
         let timestamp = TIMESTAMP_KEYS.contains(&key.as_str());
         path.push(key);
         match value {
-            Value::String(s) if timestamp => match parse_timestamp(&s) {
-                Some(t) => push(&mut fields, &path, SqlValue::Timestamp(t)),
-                None => visit(&mut fields, &mut path, Value::String(s)),
-            },
-            value => visit(&mut fields, &mut path, value),
+            Value::String(s) if timestamp && flattening.treatment(&path) == Treatment::Load => {
+                match parse_timestamp(&s) {
+                    Some(t) => flattening.push(&path, SqlValue::Timestamp(t)),
+                    None => flattening.visit(&mut path, Value::String(s)),
+                }
+            }
+            value => flattening.visit(&mut path, value),
         }
         path.pop();
     }
-    Record {
+    let excluded = flattening.excluded;
+    let record = Record {
         table,
         message_id: envelope.message_id.clone(),
         fields,
+    };
+    (record, excluded)
+}
+
+/// One event's flattening: the fields so far, under a selection (`None`: load everything).
+struct Flattening<'a> {
+    fields: &'a mut Vec<Field>,
+    selection: Option<&'a TableSelection>,
+    excluded: usize,
+}
+
+impl Flattening<'_> {
+    fn treatment(&self, path: &[String]) -> Treatment {
+        self.selection
+            .map_or(Treatment::Load, |selection| selection.treatment(path))
     }
-}
 
-fn push(fields: &mut Vec<Field>, path: &[String], value: SqlValue) {
-    fields.push(Field {
-        path: KeyPath::new(path.iter().map(String::as_str)),
-        value,
-    });
-}
+    fn push(&mut self, path: &[String], value: SqlValue) {
+        self.fields.push(Field {
+            path: KeyPath::new(path.iter().map(String::as_str)),
+            value,
+        });
+    }
 
-/// Adds the leaves of `value` at `path`. Recursion is bounded by [`MAX_FLATTEN_DEPTH`].
-fn visit(fields: &mut Vec<Field>, path: &mut Vec<String>, value: Value) {
-    let value = match value {
-        Value::Null => return,
-        Value::Bool(b) => SqlValue::Boolean(b),
-        Value::Number(n) => match n.as_i64() {
-            Some(i) => SqlValue::BigInt(i),
-            None => SqlValue::Double(n.as_f64().unwrap_or(f64::NAN)),
-        },
-        Value::String(s) => match json::special(&s) {
-            Some(Special::NonFinite(f)) => SqlValue::Double(f),
-            Some(Special::BigNumber(digits)) => SqlValue::Text(digits.to_owned()),
-            None => SqlValue::Text(s),
-        },
-        Value::Object(map) if !map.is_empty() && path.len() < MAX_FLATTEN_DEPTH => {
-            for (key, value) in map {
-                path.push(key);
-                visit(fields, path, value);
-                path.pop();
-            }
+    /// Adds the leaves of `value` at `path`. Recursion is bounded by [`MAX_FLATTEN_DEPTH`].
+    fn visit(&mut self, path: &mut Vec<String>, value: Value) {
+        if value.is_null() {
             return;
         }
-        value => SqlValue::Json(json::to_json_text(&value)),
-    };
-    push(fields, path, value);
+        match self.treatment(path) {
+            Treatment::Load => {}
+            Treatment::Exclude => {
+                self.excluded += 1;
+                return;
+            }
+            Treatment::Json => {
+                let text = json::to_json_text(&value);
+                self.push(path, SqlValue::Json(text));
+                return;
+            }
+            Treatment::Pseudonymize if !value.is_object() => {
+                let text = match &value {
+                    Value::String(s) => match json::special(s) {
+                        Some(special) => special.text().into_owned(),
+                        None => s.clone(),
+                    },
+                    other => json::to_json_text(other),
+                };
+                let pseudonym = self
+                    .selection
+                    .map(|selection| selection.pseudonym(&text))
+                    .unwrap_or_default();
+                self.push(path, SqlValue::Text(pseudonym));
+                return;
+            }
+            Treatment::Pseudonymize => {}
+        }
+        let value = match value {
+            Value::Null => return,
+            Value::Bool(b) => SqlValue::Boolean(b),
+            Value::Number(n) => match n.as_i64() {
+                Some(i) => SqlValue::BigInt(i),
+                None => SqlValue::Double(n.as_f64().unwrap_or(f64::NAN)),
+            },
+            Value::String(s) => match json::special(&s) {
+                Some(Special::NonFinite(f)) => SqlValue::Double(f),
+                Some(Special::BigNumber(digits)) => SqlValue::Text(digits.to_owned()),
+                None => SqlValue::Text(s),
+            },
+            Value::Object(map) if !map.is_empty() && path.len() < MAX_FLATTEN_DEPTH => {
+                for (key, value) in map {
+                    path.push(key);
+                    self.visit(path, value);
+                    path.pop();
+                }
+                return;
+            }
+            value => SqlValue::Json(json::to_json_text(&value)),
+        };
+        self.push(path, value);
+    }
 }
 
 /// Parses a Segment timestamp: RFC 3339 / ISO 8601 with an offset (`Z`, `+02:00`, `+0200`), or

@@ -1,4 +1,4 @@
-//! The operator benchmark (issue 4): creates many `SegmentIntegration`s at once for a release
+//! The operator benchmark: creates many `SegmentIntegration`s at once for a release
 //! build of `sluice-operator` running as its own process, and prints the time until every one has
 //! its Deployment, Service and credentials Secret and `SchemaReady=True`, and the operator's peak
 //! RSS. Targets: 300 integrations in under 60 s, under 64 MiB. It prints; it asserts no timing.

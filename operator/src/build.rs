@@ -33,6 +33,9 @@ pub const SERVICE_PORT: i32 = 80;
 pub const SHARED_SECRET_KEY: &str = "sharedSecret";
 /// Key of the API key (for HTTP Basic) in the credentials Secret.
 pub const API_KEY_KEY: &str = "apiKey";
+/// Key of the pseudonymization key (for `spec.columnSelection`'s `pseudonymize`) in the
+/// credentials Secret.
+pub const PSEUDONYMIZATION_KEY_KEY: &str = "pseudonymizationKey";
 /// Key of the webhook URL in the credentials Secret, for convenience.
 pub const WEBHOOK_URL_KEY: &str = "webhookUrl";
 /// The container's name in the ingest pod.
@@ -73,6 +76,9 @@ pub enum BuildError {
     /// The object has no name, namespace or uid yet (it was not read from the API server).
     #[error("the SegmentIntegration has no {0} (it must be read from the API server)")]
     Incomplete(&'static str),
+    /// `spec.columnSelection` cannot be used (a pattern that selects away `messageId`, say).
+    #[error("spec.columnSelection: {0}")]
+    ColumnSelection(#[from] sluice_ingest::selection::SelectionError),
 }
 
 /// The Deployment's and Service's name: `<name>-ingest`.
@@ -157,19 +163,36 @@ pub fn webhook_url(si: &SegmentIntegration) -> Result<String, BuildError> {
     })
 }
 
-/// The credentials Secret with the given shared secret and API key. The controller creates it
-/// once and never patches it, so the credentials Segment holds stay valid.
+/// The random values of a credentials Secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// Signs webhook requests (`X-Signature`).
+    pub shared_secret: String,
+    /// Authenticates webhook requests (HTTP Basic).
+    pub api_key: String,
+    /// Keys the HMAC of pseudonymized values.
+    pub pseudonymization_key: String,
+}
+
+/// The credentials Secret with the given values. The controller creates it once and never
+/// patches it, so the credentials Segment holds stay valid and pseudonyms stay the same.
 pub fn credentials_secret(
     si: &SegmentIntegration,
-    shared_secret: &str,
-    api_key: &str,
+    credentials: &Credentials,
 ) -> Result<Secret, BuildError> {
     Ok(Secret {
         metadata: metadata(si, credentials_name(si)?)?,
         type_: Some("Opaque".to_owned()),
         string_data: Some(BTreeMap::from([
-            (SHARED_SECRET_KEY.to_owned(), shared_secret.to_owned()),
-            (API_KEY_KEY.to_owned(), api_key.to_owned()),
+            (
+                SHARED_SECRET_KEY.to_owned(),
+                credentials.shared_secret.clone(),
+            ),
+            (API_KEY_KEY.to_owned(), credentials.api_key.clone()),
+            (
+                PSEUDONYMIZATION_KEY_KEY.to_owned(),
+                credentials.pseudonymization_key.clone(),
+            ),
             (WEBHOOK_URL_KEY.to_owned(), webhook_url(si)?),
         ])),
         ..Secret::default()
@@ -185,13 +208,19 @@ fn env(name: &str, value: impl Into<String>) -> EnvVar {
 }
 
 fn env_from_secret(name: &str, secret: &str, key: &str) -> EnvVar {
+    env_from_secret_key(name, secret, key, false)
+}
+
+/// An environment variable from a Secret's key; an `optional` one is left unset when the key is
+/// missing (a credentials Secret made before the key existed).
+fn env_from_secret_key(name: &str, secret: &str, key: &str, optional: bool) -> EnvVar {
     EnvVar {
         name: name.to_owned(),
         value_from: Some(EnvVarSource {
             secret_key_ref: Some(SecretKeySelector {
                 name: secret.to_owned(),
                 key: key.to_owned(),
-                optional: Some(false),
+                optional: Some(optional),
             }),
             ..EnvVarSource::default()
         }),
@@ -214,6 +243,24 @@ pub fn schema_owner(si: &SegmentIntegration) -> Result<Owner, BuildError> {
     })
 }
 
+/// `spec.columnSelection` as the ingest's `SLUICE_COLUMN_SELECTION` JSON (empty for none).
+pub fn column_selection(si: &SegmentIntegration) -> String {
+    if si.spec.column_selection.is_empty() {
+        return String::new();
+    }
+    // A map of strings and plain structs always serializes.
+    serde_json::to_string(&si.spec.column_selection).unwrap_or_default()
+}
+
+/// Checks `spec.columnSelection` as the ingest will read it (the CRD's schema checks its shape,
+/// not its patterns), so a selection the ingest would refuse is refused before anything rolls out.
+pub fn check_column_selection(si: &SegmentIntegration) -> Result<(), BuildError> {
+    // The key itself is the credentials Secret's; any key of the right length stands for it.
+    let stand_in = "a stand-in for the Secret's key";
+    sluice_ingest::selection::Selection::parse(&column_selection(si), Some(stand_in))?;
+    Ok(())
+}
+
 /// The environment of the ingest container: every setting of `sluice-ingest`, secrets by
 /// reference.
 pub fn ingest_env(si: &SegmentIntegration, inputs: &Inputs) -> Result<Vec<EnvVar>, BuildError> {
@@ -225,6 +272,13 @@ pub fn ingest_env(si: &SegmentIntegration, inputs: &Inputs) -> Result<Vec<EnvVar
         env_from_secret("SLUICE_DATABASE_URL", &url.name, &url.key),
         env_from_secret("SLUICE_SHARED_SECRET", &credentials, SHARED_SECRET_KEY),
         env_from_secret("SLUICE_API_KEY", &credentials, API_KEY_KEY),
+        env_from_secret_key(
+            "SLUICE_PSEUDONYMIZATION_KEY",
+            &credentials,
+            PSEUDONYMIZATION_KEY_KEY,
+            true,
+        ),
+        env("SLUICE_COLUMN_SELECTION", column_selection(si)),
         env("SLUICE_SCHEMA", inputs.schema.clone()),
         env("SLUICE_TABLES", tables.join(",")),
         env("SLUICE_LISTEN", format!("0.0.0.0:{INGEST_PORT}")),
@@ -484,6 +538,7 @@ pub fn autoscaler(si: &SegmentIntegration) -> Result<Option<HorizontalPodAutosca
 mod tests {
     use super::*;
     use crate::crd::{Autoscaling, IngressSpec, Resources};
+    use serde_json::json;
 
     fn integration(spec: serde_json::Value) -> SegmentIntegration {
         let mut si =
@@ -799,12 +854,61 @@ mod tests {
     }
 
     #[test]
-    fn credentials_secret_holds_both_credentials_and_the_url() {
-        let secret = credentials_secret(&basic(), "s3cret", "k3y").expect("secret");
+    fn column_selection_goes_to_the_ingest_as_json_and_is_checked_first() {
+        let si = integration(json!({
+            "destination": {"urlSecretRef": {"name": "warehouse"}},
+            "columnSelection": {
+                "*": {"exclude": ["context.ip"], "pseudonymize": ["traits.email"]},
+                "track": {"json": ["properties.experiments"], "maxColumns": 300},
+            },
+        }));
+        let env = ingest_env(&si, &inputs()).expect("env");
+        let value = |name: &str| env.iter().find(|e| e.name == name).cloned();
+        let selection: serde_json::Value = serde_json::from_str(
+            value("SLUICE_COLUMN_SELECTION")
+                .and_then(|e| e.value)
+                .as_deref()
+                .expect("selection"),
+        )
+        .expect("JSON");
+        assert_eq!(
+            selection,
+            json!({
+                "*": {"exclude": ["context.ip"], "pseudonymize": ["traits.email"]},
+                "track": {"json": ["properties.experiments"], "maxColumns": 300},
+            })
+        );
+        let key = value("SLUICE_PSEUDONYMIZATION_KEY")
+            .and_then(|e| e.value_from)
+            .and_then(|from| from.secret_key_ref)
+            .expect("from the credentials Secret");
+        assert_eq!(
+            (key.name.as_str(), key.key.as_str(), key.optional),
+            ("shop-credentials", PSEUDONYMIZATION_KEY_KEY, Some(true))
+        );
+        assert_eq!(check_column_selection(&si), Ok(()));
+
+        let protected = integration(json!({
+            "destination": {"urlSecretRef": {"name": "warehouse"}},
+            "columnSelection": {"*": {"exclude": ["messageId"]}},
+        }));
+        let error = check_column_selection(&protected).expect_err("messageId is the key");
+        assert!(error.to_string().contains("\"messageId\""), "{error}");
+    }
+
+    #[test]
+    fn credentials_secret_holds_the_credentials_and_the_url() {
+        let credentials = Credentials {
+            shared_secret: "s3cret".to_owned(),
+            api_key: "k3y".to_owned(),
+            pseudonymization_key: "p5eudo".to_owned(),
+        };
+        let secret = credentials_secret(&basic(), &credentials).expect("secret");
         assert_eq!(secret.metadata.name.as_deref(), Some("shop-credentials"));
         let data = secret.string_data.expect("data");
         assert_eq!(data[SHARED_SECRET_KEY], "s3cret");
         assert_eq!(data[API_KEY_KEY], "k3y");
+        assert_eq!(data[PSEUDONYMIZATION_KEY_KEY], "p5eudo");
         assert_eq!(
             data[WEBHOOK_URL_KEY],
             "http://shop-ingest.team-a.svc.cluster.local/v1/webhook"

@@ -421,9 +421,11 @@ async fn dereference(si: &SegmentIntegration, ctx: &Context, namespace: &str) ->
 }
 
 /// Step 2, validate: what the CRD's schema cannot check (the object's identity, which every
-/// child's name, labels and owner reference come from), and the build inputs.
+/// child's name, labels and owner reference come from; the column selection's patterns), and the
+/// build inputs.
 fn validate(si: &SegmentIntegration, ctx: &Context, refs: &Dereferenced) -> Result<Inputs, Error> {
     build::schema_owner(si)?;
+    build::check_column_selection(si)?;
     Ok(Inputs {
         schema: si.schema_name(),
         default_image: ctx.config.ingest_image.clone(),
@@ -726,7 +728,12 @@ async fn ensure_credentials(
     {
         return Ok(false);
     }
-    let secret = build::credentials_secret(si, &random_token()?, &random_token()?)?;
+    let credentials = build::Credentials {
+        shared_secret: random_token()?,
+        api_key: random_token()?,
+        pseudonymization_key: random_token()?,
+    };
+    let secret = build::credentials_secret(si, &credentials)?;
     match secrets.create(&PostParams::default(), &secret).await {
         Ok(_) => {
             tracing::info!("credentials created");

@@ -13,6 +13,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use sluice_ingest::event::Table;
 use sluice_ingest::schema::{SCHEMA_NAME_PATTERN, schema_name_from_display_name};
+use sluice_ingest::selection::ColumnRules;
 
 /// The message the API server answers with when an update changes, adds or removes
 /// `spec.schema`.
@@ -87,6 +88,14 @@ pub struct SegmentIntegrationSpec {
     #[serde(default)]
     pub loading: Loading,
 
+    /// Column selection by table (`"*"`: every table; a table's rules add to those): key paths
+    /// to exclude, to include only, to keep as one JSON value, to pseudonymize (with the
+    /// `pseudonymizationKey` of the credentials Secret), and a column budget. Takes effect on
+    /// the next rollout of the ingest; rows already loaded are never rewritten.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "column_selection_schema")]
+    pub column_selection: BTreeMap<String, ColumnRules>,
+
     /// What happens to the schema and its rows when the resource is deleted.
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
@@ -115,6 +124,29 @@ pub struct SecretKeyRef {
 
 fn default_url_key() -> String {
     "url".to_owned()
+}
+
+/// The schema of `spec.columnSelection`: a map of [`ColumnRules`] whose keys a CEL rule limits to
+/// `*` and the tables, listed from [`Table::ALL`].
+fn column_selection_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let mut schema = generator.subschema_for::<BTreeMap<String, ColumnRules>>();
+    let tables = Table::ALL.map(|t| format!("'{}'", t.name())).join(", ");
+    // A bound on the keys keeps the CEL rule's estimated cost within the API server's budget.
+    schema.insert(
+        "maxProperties".to_owned(),
+        serde_json::json!(Table::ALL.len() + 1),
+    );
+    schema.insert(
+        "x-kubernetes-validations".to_owned(),
+        serde_json::json!([{
+            "rule": format!("self.all(k, k == '*' || k in [{tables}])"),
+            "message": format!(
+                "columnSelection is keyed by \"*\" or a table: {}",
+                Table::names()
+            ),
+        }]),
+    );
+    schema
 }
 
 fn default_tables() -> Vec<Table> {

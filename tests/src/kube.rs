@@ -1,4 +1,4 @@
-//! The Kubernetes API server harness (issue 3): clients for the etcd + kube-apiserver pair that
+//! The Kubernetes API server harness: clients for the etcd + kube-apiserver pair that
 //! `tests/scripts/kube-apiserver.sh start DIR` runs, and the few steps every test against it takes.
 //!
 //! Starting and stopping the shared server is the script's job alone: `tests/run.sh` starts it once
@@ -350,5 +350,48 @@ impl Drop for ControlPlane {
             .arg("stop")
             .arg(self.dir.path())
             .status();
+    }
+}
+
+/// How long a test waits for something the operator or the API server does eventually. Generous:
+/// the machine may be busy building.
+pub const EVENTUAL: Duration = Duration::from_secs(90);
+
+/// Polls `probe` every 200 ms until it returns `Some`, for at most `limit`; the error names
+/// `what` was awaited.
+pub async fn within<T, F, Fut>(limit: Duration, what: &str, mut probe: F) -> Result<T, String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(value) = probe().await {
+            return Ok(value);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!("timed out after {limit:?} waiting for {what}"));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// [`within`] [`EVENTUAL`], panicking when the time is up.
+pub async fn eventually<T, F, Fut>(what: &str, probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    within(EVENTUAL, what, probe)
+        .await
+        .unwrap_or_else(|timeout| panic!("{timeout}"))
+}
+
+/// The API error status of a request that must fail, with the request's outcome in the panic
+/// message when it did not.
+pub fn api_status<T: std::fmt::Debug>(result: Result<T, kube::Error>) -> kube::core::Status {
+    match result {
+        Err(kube::Error::Api(status)) => *status,
+        other => panic!("expected an error answer from the API server, got {other:?}"),
     }
 }

@@ -159,14 +159,32 @@ impl Cluster {
     }
 
     /// Stops the server in `mode` and starts it again on the same port; returns once it
-    /// accepts connections.
+    /// accepts connections, having checked that the server really is a new one (its
+    /// `pg_postmaster_start_time()` moved).
     pub async fn restart(&self, mode: Shutdown) {
+        let before = self.started_at().await;
         let mode = match mode {
             Shutdown::Fast => "fast",
             Shutdown::Immediate => "immediate",
         };
         let path = self.dir.path().to_str().expect("UTF-8 path");
         run_script("postgres.sh", &["restart", path, mode]).await;
+        let after = self.started_at().await;
+        assert!(
+            after > before,
+            "the server was not restarted ({before} -> {after})"
+        );
+    }
+
+    /// When the running server started (`pg_postmaster_start_time()`, as text).
+    async fn started_at(&self) -> String {
+        let mut connection = sqlx::PgConnection::connect(&self.admin_url)
+            .await
+            .expect("connect to the test server");
+        sqlx::query_scalar("SELECT pg_postmaster_start_time()::text")
+            .fetch_one(&mut connection)
+            .await
+            .expect("pg_postmaster_start_time")
     }
 }
 

@@ -91,10 +91,8 @@ async fn postgres_restart_loses_and_duplicates_nothing(mode: Shutdown) {
     sleep(Duration::from_millis(1500)).await;
     let ledger = stop_streams(stop, streams).await;
     report(&format!("PostgreSQL {mode:?} restart"), &ledger);
-    assert!(
-        ledger.refused > 0,
-        "the restarts failed requests in flight (503)"
-    );
+    // Requests in flight during a restart may fail (503) or wait for it to pass: either is
+    // right, so long as nothing else is answered. The restart itself is checked by `restart`.
     assert!(
         ledger
             .refusals

@@ -1,4 +1,4 @@
-//! Proves that the Kubernetes API server the test command starts is a real one (issue 3): it
+//! Proves that the Kubernetes API server the test command starts is a real one: it
 //! serves a CRD derived by kube-rs, enforces CEL rules and structural schemas, authorizes with RBAC,
 //! and streams watches from its etcd.
 //!
@@ -16,7 +16,7 @@ use kube::{Api, Client, CustomResource, CustomResourceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use sluice_tests::kube::{
-    TestNamespace, admin_client, apply_crd, restricted_client, restricted_user,
+    TestNamespace, admin_client, api_status, apply_crd, restricted_client, restricted_user,
 };
 
 /// The message of the CEL rule on [`GadgetSpec::schema`]; the tests assert that the server says it.
@@ -66,15 +66,6 @@ async fn gadget_namespace(prefix: &str) -> (Client, Api<Gadget>) {
         .expect("test namespace");
     let api = Api::namespaced(client.clone(), namespace.name());
     (client, api)
-}
-
-/// The API error status of a request that must fail, with the request's outcome in the panic
-/// message when it did not.
-fn api_status<T: std::fmt::Debug>(result: Result<T, kube::Error>) -> kube::core::Status {
-    match result {
-        Err(kube::Error::Api(status)) => *status,
-        other => panic!("expected an error answer from the API server, got {other:?}"),
-    }
 }
 
 #[tokio::test]

@@ -1,5 +1,5 @@
-//! Leader election against a real API server, through a fault-injecting TCP proxy (issue 11, item
-//! 3): two operator replicas run in-process, each with its own identity, its own Toxiproxy proxies
+//! Leader election against a real API server, through a fault-injecting TCP proxy: two operator
+//! replicas run in-process, each with its own identity, its own Toxiproxy proxies
 //! (one for the Lease's connection, one for the controller's) and the real controller, while the
 //! test keeps changing an integration so that whoever leads keeps writing. Every write a replica's
 //! controller sends is recorded with the instant it left (below the leader's fence, so only what
@@ -9,7 +9,6 @@
 //! last write leaves within the renew deadline of its last successful renewal, and the other
 //! replica's first write at least `lease duration - renew deadline` after it.
 
-use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
@@ -20,21 +19,23 @@ use futures::future::BoxFuture;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::client::Body;
-use kube::{Api, Client, CustomResourceExt};
+use kube::{Api, Client};
 use serde_json::json;
 use sluice_operator::leader::{self, Ended, Settings, Timing};
 use sluice_operator::metrics::Metrics;
 use sluice_operator::{SegmentIntegration, controller};
-use sluice_tests::kube::{admin_client, admin_client_via, api_server_address, namespace_with_crd};
+use sluice_tests::kube::{
+    EVENTUAL, admin_client, admin_client_via, api_server_address, eventually,
+};
 use sluice_tests::toxiproxy::{Proxy, Toxiproxy};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
+mod support;
+
 const LEASE_DURATION: Duration = Duration::from_secs(4);
 const RENEW_DEADLINE: Duration = Duration::from_millis(2500);
 const RETRY_PERIOD: Duration = Duration::from_millis(500);
-/// How long a test waits for something that must happen. Generous: the machine may be busy.
-const EVENTUAL: Duration = Duration::from_secs(90);
 const LEASE_NAME: &str = "sluice-operator";
 
 fn timing() -> Timing {
@@ -260,7 +261,7 @@ impl Cluster {
                 };
                 let config = controller::Config {
                     namespace: Some(cluster.namespace.clone()),
-                    ingest_image: "sluice-ingest:test".to_owned(),
+                    ingest_image: support::IMAGE.to_owned(),
                     instance: Some(identity.clone()),
                     concurrency: 4,
                 };
@@ -306,19 +307,12 @@ struct Scene {
 impl Scene {
     async fn start(prefix: &str) -> Scene {
         let admin = admin_client().await.expect("admin client");
-        let namespace = namespace_with_crd(&admin, &SegmentIntegration::crd(), prefix)
-            .await
-            .expect("namespace with the CRD")
-            .name()
-            .to_owned();
+        let namespace = support::namespace(&admin, prefix).await;
         let integrations = Api::<SegmentIntegration>::namespaced(admin.clone(), &namespace);
-        let integration: SegmentIntegration = serde_json::from_value(json!({
-            "apiVersion": "sluice.dev/v1alpha1",
-            "kind": "SegmentIntegration",
-            "metadata": {"name": "busy"},
-            "spec": {"destination": {"urlSecretRef": {"name": "warehouse"}}},
-        }))
-        .expect("a SegmentIntegration");
+        let integration = support::integration(
+            "busy",
+            json!({"destination": {"urlSecretRef": {"name": "warehouse"}}}),
+        );
         integrations
             .create(&PostParams::default(), &integration)
             .await
@@ -391,24 +385,6 @@ impl Scene {
             replica.work.heal().await;
         }
         self.cluster.writes.all()
-    }
-}
-
-async fn eventually<T, F, Fut>(what: &str, mut probe: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + EVENTUAL;
-    loop {
-        if let Some(value) = probe().await {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {EVENTUAL:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

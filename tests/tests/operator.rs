@@ -1,4 +1,4 @@
-//! The operator against a real API server and a real PostgreSQL (issue 4): each test runs the
+//! The operator against a real API server and a real PostgreSQL: each test runs the
 //! controller in-process, watching a namespace of the test's own, and checks what it made in the
 //! API server and in the warehouse.
 //!
@@ -6,6 +6,7 @@
 //! status as the controller manager would), and owner references are never garbage-collected
 //! (deletion is proven through the operator's finalizer).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
@@ -14,31 +15,129 @@ use k8s_openapi::api::core::v1::{Container, Secret, Service};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::networking::v1::Ingress;
 use k8s_openapi::api::rbac::v1::{ClusterRole, RoleBinding, RoleRef, Subject};
-use kube::Api;
 use kube::api::{
     ApiResource, DeleteParams, DynamicObject, ObjectMeta, Patch, PatchParams, PostParams,
 };
-use serde_json::json;
+use kube::{Api, Client};
+use serde_json::{Value, json};
 use sluice_ingest::load::Warehouse;
 use sluice_ingest::protocol::sign;
 use sluice_operator::crd::{
     ConditionStatus, DISPLAY_NAME_IMMUTABLE_MESSAGE, SCHEMA_IMMUTABLE_MESSAGE,
 };
 use sluice_operator::leader::{self, Settings, Timing};
-use sluice_operator::metrics;
+use sluice_operator::metrics::{self, Metrics};
 use sluice_operator::{SegmentIntegration, controller};
 use sluice_tests::ingest::Process;
-use sluice_tests::kube::{TestNamespace, admin_client, restricted_client, restricted_user};
+use sluice_tests::kube::{
+    TestNamespace, admin_client, api_status, eventually, put_url_secret, restricted_client,
+    restricted_user,
+};
 use sluice_tests::postgres::fresh_database;
+use tokio::sync::oneshot;
 
-mod operator_support;
-use operator_support::*;
+mod support;
+use support::{IMAGE, condition, integration, report_pods_available, run_operator};
 
-/// The API error status of a request that must fail.
-fn api_status<T: std::fmt::Debug>(result: Result<T, kube::Error>) -> kube::core::Status {
-    match result {
-        Err(kube::Error::Api(status)) => *status,
-        other => panic!("expected an error answer from the API server, got {other:?}"),
+/// A namespace of the test's own with the CRD in place and the operator watching it. The
+/// operator stops when this is dropped.
+struct Harness {
+    client: Client,
+    namespace: String,
+    metrics: Arc<Metrics>,
+    _stop: oneshot::Sender<()>,
+}
+
+impl Harness {
+    async fn start(prefix: &str) -> Harness {
+        let client = admin_client().await.expect("admin client");
+        let namespace = support::namespace(&client, prefix).await;
+        Self::start_operator(client.clone(), client, namespace, prefix)
+    }
+
+    /// [`Harness::start`] with a fresh database (`label`) whose URL is in Secret `warehouse`;
+    /// answers the URL too.
+    async fn with_warehouse(prefix: &str, label: &str) -> (Harness, String) {
+        let h = Harness::start(prefix).await;
+        let url = fresh_database(label).await;
+        h.put_url_secret("warehouse", &url).await;
+        (h, url)
+    }
+
+    /// Runs the operator with `operator_client`; the test acts with `client`.
+    fn start_operator(
+        client: Client,
+        operator_client: Client,
+        namespace: String,
+        prefix: &str,
+    ) -> Harness {
+        let metrics = Arc::new(Metrics::default());
+        let stop = run_operator(
+            operator_client,
+            &namespace,
+            &format!("test-{prefix}"),
+            metrics.clone(),
+        );
+        Harness {
+            client,
+            namespace,
+            metrics,
+            _stop: stop,
+        }
+    }
+
+    fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        K::DynamicType: Default,
+    {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    fn integrations(&self) -> Api<SegmentIntegration> {
+        self.api()
+    }
+
+    /// Creates (or replaces the value of) the Secret `name` with `url` under key `url`.
+    async fn put_url_secret(&self, name: &str, url: &str) {
+        put_url_secret(&self.client, &self.namespace, name, url)
+            .await
+            .expect("apply the warehouse Secret");
+    }
+
+    /// Creates a SegmentIntegration from the JSON of its spec.
+    async fn create(&self, name: &str, spec: Value) -> SegmentIntegration {
+        self.integrations()
+            .create(&PostParams::default(), &integration(name, spec))
+            .await
+            .expect("create the SegmentIntegration")
+    }
+
+    /// Merge-patches the spec of `name`.
+    async fn patch_spec(&self, name: &str, spec: Value) -> Result<SegmentIntegration, kube::Error> {
+        self.integrations()
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "spec": spec })),
+            )
+            .await
+    }
+
+    /// Waits until the integration `name` has condition `type_` with `status`, and returns it.
+    async fn wait_condition(
+        &self,
+        name: &str,
+        type_: &str,
+        status: ConditionStatus,
+    ) -> SegmentIntegration {
+        let api = self.integrations();
+        eventually(&format!("{name} to have {type_}={status:?}"), || async {
+            let si = api.get(name).await.ok()?;
+            let found = condition(&si, type_)?;
+            (found.status == status).then_some(si)
+        })
+        .await
     }
 }
 
@@ -83,11 +182,13 @@ async fn tables_in(url: &str, schema: &str) -> Vec<String> {
     .expect("list tables")
 }
 
+fn spec_for(secret: &str) -> Value {
+    json!({"destination": {"urlSecretRef": {"name": secret}}})
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn integration_provisions_credentials_deployment_service_schema_and_status() {
-    let h = Harness::start("provision").await;
-    let url = fresh_database("operator_provision").await;
-    h.put_url_secret("warehouse", &url).await;
+    let (h, url) = Harness::with_warehouse("provision", "operator_provision").await;
     h.create(
         "shop",
         json!({
@@ -159,6 +260,7 @@ async fn integration_provisions_credentials_deployment_service_schema_and_status
     let api_key = secret_value(&credentials, "apiKey");
     assert_eq!(shared.len(), 64);
     assert_eq!(api_key.len(), 64);
+    assert_eq!(secret_value(&credentials, "pseudonymizationKey").len(), 64);
     assert_ne!(shared, api_key);
     let owner = &credentials
         .metadata
@@ -170,7 +272,7 @@ async fn integration_provisions_credentials_deployment_service_schema_and_status
         (uid.as_str(), Some(true))
     );
 
-    // The Deployment, as specified.
+    // The Deployment, owned by the integration and configured for it.
     let deployment = h
         .api::<Deployment>()
         .get("shop-ingest")
@@ -184,8 +286,6 @@ async fn integration_provisions_credentials_deployment_service_schema_and_status
     assert_eq!(deployment.spec.as_ref().and_then(|s| s.replicas), Some(2));
     let c = container(&deployment);
     assert_eq!(c.image.as_deref(), Some(IMAGE));
-    assert_eq!(c.command, Some(vec!["sluice-ingest".to_owned()]));
-    assert_eq!(c.args, None);
     let env: Vec<(String, String)> = c
         .env
         .clone()
@@ -210,6 +310,11 @@ async fn integration_provisions_credentials_deployment_service_schema_and_status
             "secret:shop-credentials/sharedSecret",
         ),
         ("SLUICE_API_KEY", "secret:shop-credentials/apiKey"),
+        (
+            "SLUICE_PSEUDONYMIZATION_KEY",
+            "secret:shop-credentials/pseudonymizationKey",
+        ),
+        ("SLUICE_COLUMN_SELECTION", ""),
         ("SLUICE_SCHEMA", "shop_events"),
         ("SLUICE_TABLES", "group,identify,page,screen,track"),
         ("SLUICE_LISTEN", "0.0.0.0:8080"),
@@ -226,20 +331,9 @@ async fn integration_provisions_credentials_deployment_service_schema_and_status
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
     .collect();
     assert_eq!(env, expected);
-    let readiness = c.readiness_probe.clone().expect("readiness probe");
-    assert_eq!(
-        readiness.http_get.expect("http").path.as_deref(),
-        Some("/readyz")
-    );
-    let liveness = c.liveness_probe.clone().expect("liveness probe");
-    assert_eq!(
-        liveness.http_get.expect("http").path.as_deref(),
-        Some("/healthz")
-    );
-    let security = c.security_context.clone().expect("securityContext");
-    assert_eq!(security.run_as_non_root, Some(true));
-    assert_eq!(security.read_only_root_filesystem, Some(true));
-    assert_eq!(security.allow_privilege_escalation, Some(false));
+    // Probes, security context and the rest of the pod are the pure build step's, which
+    // operator/src/build.rs tests; here what matters is that the applied object is wired to this
+    // integration's real UID and Secrets.
 
     // The Service: port 80 to the container's http port, selecting the Deployment's pods.
     let service = h
@@ -259,14 +353,7 @@ async fn integration_provisions_credentials_deployment_service_schema_and_status
     );
 
     // The controller manager reports pods available: IngestAvailable and Ready follow.
-    h.api::<Deployment>()
-        .patch_status(
-            "shop-ingest",
-            &PatchParams::default(),
-            &Patch::Merge(
-                json!({"status": {"replicas": 2, "readyReplicas": 2, "availableReplicas": 2}}),
-            ),
-        )
+    report_pods_available(&h.api::<Deployment>(), "shop-ingest")
         .await
         .expect("patch the Deployment's status");
     let si = h
@@ -334,9 +421,7 @@ async fn integration_provisions_credentials_deployment_service_schema_and_status
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn children_follow_the_spec_and_come_back_when_deleted() {
-    let h = Harness::start("follow").await;
-    let url = fresh_database("operator_follow").await;
-    h.put_url_secret("warehouse", &url).await;
+    let (h, _url) = Harness::with_warehouse("follow", "operator_follow").await;
     let mut spec = spec_for("warehouse");
     spec["exposure"] = json!({"ingress": {"host": "hooks.example.com", "className": "nginx"}});
     h.create("web", spec).await;
@@ -535,6 +620,14 @@ async fn api_server_rejects_schema_changes_and_invalid_values() {
             json!({"loading": {"maxBatchDelay": "2h"}}),
             "spec.loading.maxBatchDelay",
         ),
+        (
+            json!({"columnSelection": {"orders": {"exclude": ["context.ip"]}}}),
+            "columnSelection is keyed by",
+        ),
+        (
+            json!({"columnSelection": {"track": {"maxColumns": 5000}}}),
+            "maxColumns",
+        ),
     ];
     for (i, (extra, expected)) in invalid.into_iter().enumerate() {
         let mut spec = spec_for("warehouse");
@@ -684,9 +777,7 @@ async fn delete_and_wait(h: &Harness, name: &str) {
 /// table the user added later survives, and so does the schema. Only Sluice's tables go.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drop_removes_only_what_sluice_created() {
-    let h = Harness::start("drop-owned").await;
-    let url = fresh_database("operator_drop_owned").await;
-    h.put_url_secret("warehouse", &url).await;
+    let (h, url) = Harness::with_warehouse("drop-owned", "operator_drop_owned").await;
     sluice_tests::postgres::run_as_admin(
         &url,
         "CREATE TABLE public.orders (id int PRIMARY KEY); INSERT INTO public.orders VALUES (7)",
@@ -781,9 +872,7 @@ async fn drop_removes_only_what_sluice_created() {
 /// sharing it, and deleting it with `Drop` leaves the first one's tables and rows alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_integration_on_a_claimed_schema_is_refused() {
-    let h = Harness::start("claimed").await;
-    let url = fresh_database("operator_claimed").await;
-    h.put_url_secret("warehouse", &url).await;
+    let (h, url) = Harness::with_warehouse("claimed", "operator_claimed").await;
     let mut spec = spec_for("warehouse");
     spec["schema"] = json!("shared");
     spec["deletionPolicy"] = json!("Drop");
@@ -845,9 +934,7 @@ async fn deletion_with_retain_keeps_every_row() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_started_as_the_deployment_says_loads_a_signed_webhook() {
-    let h = Harness::start("wiring").await;
-    let url = fresh_database("operator_wiring").await;
-    h.put_url_secret("warehouse", &url).await;
+    let (h, url) = Harness::with_warehouse("wiring", "operator_wiring").await;
     let mut spec = spec_for("warehouse");
     spec["displayName"] = json!("Stitch Segment");
     spec["tables"] = json!(["track", "identify"]);
@@ -1044,7 +1131,7 @@ async fn leader_lease_is_held_by_one_replica_at_a_time() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_needs_no_more_than_its_rbac_rules() {
     let admin = admin_client().await.expect("admin client");
-    let namespace = Harness::namespace(&admin, "rbac").await;
+    let namespace = support::namespace(&admin, "rbac").await;
     // A ClusterRole with exactly the operator's rules, bound in this namespace only, to the
     // identity that has no other rights.
     let role = ClusterRole {

@@ -7,24 +7,82 @@
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{DeleteParams, Patch, PatchParams};
-use serde_json::json;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use serde_json::{Value, json};
+use sluice_operator::SegmentIntegration;
 use sluice_operator::crd::ConditionStatus;
-use sluice_tests::kube::{ControlPlane, Server};
+use sluice_operator::metrics::Metrics;
+use sluice_tests::kube::{ControlPlane, Server, admin_client, eventually, put_url_secret};
 use sluice_tests::postgres::fresh_database;
 use sluice_tests::toxiproxy::Toxiproxy;
 use sqlx::{Connection, PgConnection};
+use tokio::sync::oneshot;
 
-mod operator_support;
-use operator_support::*;
+mod support;
+use support::{condition_is, integration, report_pods_available, run_operator};
 
 /// The integrations created just before the restart, while their first reconciles run.
 const BEFORE: [&str; 3] = ["alpha", "bravo", "charlie"];
 /// The one created after it.
 const AFTER: &str = "delta";
+
+/// The operator running in-process on a namespace of the test's own, which the test acts on
+/// with `client`; stopped when dropped.
+struct Operated {
+    client: Client,
+    namespace: String,
+    _stop: oneshot::Sender<()>,
+}
+
+impl Operated {
+    /// A namespace with the CRD on the API server of `client`, watched by an operator that uses
+    /// `operator_client`, with a fresh database's URL in Secret `warehouse`; answers the URL too.
+    async fn start(client: Client, operator_client: Client, prefix: &str) -> (Operated, String) {
+        let namespace = support::namespace(&client, prefix).await;
+        let stop = run_operator(
+            operator_client,
+            &namespace,
+            &format!("test-{prefix}"),
+            Arc::new(Metrics::default()),
+        );
+        let url = fresh_database(&format!("operator_{prefix}")).await;
+        put_url_secret(&client, &namespace, "warehouse", &url)
+            .await
+            .expect("the warehouse Secret");
+        let operated = Operated {
+            client,
+            namespace,
+            _stop: stop,
+        };
+        (operated, url)
+    }
+
+    fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        K::DynamicType: Default,
+    {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    /// Creates integration `name` with `spec` (the warehouse is Secret `warehouse`).
+    async fn create(&self, name: &str, spec: Value) {
+        let mut full = json!({"destination": {"urlSecretRef": {"name": "warehouse"}}});
+        if let (Some(full), Value::Object(extra)) = (full.as_object_mut(), spec) {
+            full.extend(extra);
+        }
+        self.api::<SegmentIntegration>()
+            .create(&PostParams::default(), &integration(name, full))
+            .await
+            .expect("create the SegmentIntegration");
+    }
+}
 
 /// Creates three integrations, stops `server` while they are being reconciled, brings it back,
 /// changes things at once (a spec, a deleted child, a new integration), and checks that every
@@ -33,13 +91,10 @@ const AFTER: &str = "delta";
 async fn integrations_converge_after_restart_of(server: Server, prefix: &str) {
     let control_plane = ControlPlane::start().await;
     let client = control_plane.admin_client().await.expect("admin client");
-    let namespace = Harness::namespace(&client, prefix).await;
     let operator_client = control_plane.admin_client().await.expect("admin client");
-    let h = Harness::start_operator(client, operator_client, namespace, prefix);
-    let url = fresh_database(&format!("operator_{prefix}")).await;
-    h.put_url_secret("warehouse", &url).await;
+    let (h, _url) = Operated::start(client, operator_client, prefix).await;
     for name in BEFORE {
-        h.create(name, spec_for("warehouse")).await;
+        h.create(name, json!({})).await;
     }
 
     control_plane.down(server).await;
@@ -48,7 +103,13 @@ async fn integrations_converge_after_restart_of(server: Server, prefix: &str) {
     control_plane.up(server).await;
 
     // Changed as soon as it is back, whether or not the operator's watches have resumed yet.
-    h.patch_spec("alpha", json!({"ingest": {"replicas": 3}}))
+    let integrations = h.api::<SegmentIntegration>();
+    integrations
+        .patch(
+            "alpha",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"ingest": {"replicas": 3}}})),
+        )
         .await
         .expect("patch alpha's spec");
     let services = h.api::<Service>();
@@ -60,18 +121,17 @@ async fn integrations_converge_after_restart_of(server: Server, prefix: &str) {
         .delete("bravo-ingest", &DeleteParams::default())
         .await
         .expect("delete bravo's Service");
-    h.create(AFTER, spec_for("warehouse")).await;
+    h.create(AFTER, json!({})).await;
 
     let deployments = h.api::<Deployment>();
     let secrets = h.api::<Secret>();
     for name in BEFORE.into_iter().chain([AFTER]) {
         // SchemaReady, for the latest generation (alpha's spec changed after the restart).
-        let integrations = h.integrations();
         let si = eventually(
             &format!("{name} SchemaReady for its generation"),
             || async {
                 let si = integrations.get(name).await.ok()?;
-                let ready = condition(&si, "SchemaReady")?.status == ConditionStatus::True;
+                let ready = condition_is(&si, "SchemaReady", ConditionStatus::True);
                 let current = si.status.as_ref()?.observed_generation == si.metadata.generation;
                 (ready && current).then_some(si)
             },
@@ -115,17 +175,14 @@ async fn integrations_converge_after_restart_of(server: Server, prefix: &str) {
         )
         .await;
         // The controller manager would report pods available; Ready follows.
-        deployments
-            .patch_status(
-                &format!("{name}-ingest"),
-                &PatchParams::default(),
-                &Patch::Merge(json!({"status": {
-                    "replicas": want, "readyReplicas": want, "availableReplicas": want
-                }})),
-            )
+        report_pods_available(&deployments, &format!("{name}-ingest"))
             .await
             .expect("patch the Deployment's status");
-        h.wait_condition(name, "Ready", ConditionStatus::True).await;
+        eventually(&format!("{name} Ready"), || async {
+            let si = integrations.get(name).await.ok()?;
+            condition_is(&si, "Ready", ConditionStatus::True).then_some(())
+        })
+        .await;
     }
 }
 
@@ -167,30 +224,37 @@ async fn schema_exists(url: &str, schema: &str) -> bool {
 /// the drop completes and the resource goes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drop_waits_for_an_unreachable_warehouse_and_completes_when_it_is_back() {
-    let h = Harness::start("drop-unreachable").await;
-    let url = fresh_database("operator_drop_unreachable").await;
-    let (_, rest) = url.split_once('@').expect("postgres://user@host:port/db");
-    let (upstream, database) = rest.split_once('/').expect("host:port/db");
     let toxiproxy = Toxiproxy::start().await;
+    let client = admin_client().await.expect("admin client");
+    let (h, url) = Operated::start(client.clone(), client, "drop-unreachable").await;
+    let (_, rest) = url.split_once('@').expect("postgres://user@host:port/db");
+    let (upstream, _) = rest.split_once('/').expect("host:port/db");
     let proxy = toxiproxy.proxy("warehouse", upstream).await;
-    let proxied = url.replace(upstream, &proxy.listen);
-    h.put_url_secret("warehouse", &proxied).await;
-    let mut spec = spec_for("warehouse");
-    spec["schema"] = json!("doomed");
-    spec["deletionPolicy"] = json!("Drop");
-    h.create("doomed", spec).await;
-    h.wait_condition("doomed", "SchemaReady", ConditionStatus::True)
-        .await;
+    put_url_secret(
+        &h.client,
+        &h.namespace,
+        "warehouse",
+        &url.replace(upstream, &proxy.listen),
+    )
+    .await
+    .expect("the warehouse Secret, now through the proxy");
+    h.create(
+        "doomed",
+        json!({"schema": "doomed", "deletionPolicy": "Drop"}),
+    )
+    .await;
+    let integrations = h.api::<SegmentIntegration>();
+    eventually("doomed SchemaReady", || async {
+        let si = integrations.get("doomed").await.ok()?;
+        condition_is(&si, "SchemaReady", ConditionStatus::True).then_some(())
+    })
+    .await;
     let created = tables(&url, "doomed").await;
-    assert!(
-        created.contains(&"track".to_owned()),
-        "{created:?} in {database}"
-    );
+    assert!(created.contains(&"track".to_owned()), "{created:?}");
 
     proxy
         .add("down", "reset_peer", "downstream", json!({"timeout": 0}))
         .await;
-    let integrations = h.integrations();
     integrations
         .delete("doomed", &DeleteParams::default())
         .await

@@ -1,4 +1,4 @@
-//! Start-up and least privilege on a real PostgreSQL server (issue 11, item 8): the HTTP server
+//! Start-up and least privilege on a real PostgreSQL server: the HTTP server
 //! answers from the start, events and `/readyz` wait for the schema with 503, a missing
 //! privilege is reported with the grant to give, and a role without `CREATE` on the database
 //! loads into a schema created for it beforehand.

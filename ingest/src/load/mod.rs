@@ -14,6 +14,7 @@ mod postgres;
 mod privilege;
 mod sqlite;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -159,6 +160,7 @@ pub struct Warehouse {
     pool: Pool,
     schema: String,
     known: Arc<Mutex<Catalog>>,
+    budgets: Arc<BTreeMap<Table, usize>>,
 }
 
 /// A record the database refused, kept in `_sdc_rejected` with the reason.
@@ -232,12 +234,20 @@ impl Warehouse {
             pool,
             schema: schema.to_owned(),
             known: Arc::default(),
+            budgets: Arc::default(),
         })
     }
 
     /// The schema this warehouse loads into.
     pub fn schema(&self) -> &str {
         &self.schema
+    }
+
+    /// This warehouse with a column budget per table (the column selection's `maxColumns`): a
+    /// table stops growing columns at its budget and later keys go to `_sdc_overflow`.
+    pub fn with_column_budgets(mut self, budgets: BTreeMap<Table, usize>) -> Warehouse {
+        self.budgets = Arc::new(budgets);
+        self
     }
 
     /// The SQL dialect of the database.
@@ -462,7 +472,7 @@ impl Warehouse {
         for _ in 0..8 {
             let evolution = {
                 let current = catalog.lock().await;
-                match plan::plan(&current, items, batched_at) {
+                match plan::plan_with_budgets(&current, items, batched_at, &self.budgets) {
                     Ok(tables) => return Ok(tables),
                     Err(evolution) => evolution,
                 }

@@ -18,7 +18,7 @@
 //! `_sdc_overflow` holds the values in their original shape: `{"traits": {"attr_1999": 1999}}`.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use axum::body::Bytes;
 use chrono::{DateTime, Utc};
@@ -82,6 +82,18 @@ pub fn plan<'a>(
     items: &'a [Item],
     batched_at: DateTime<Utc>,
 ) -> Result<Vec<TableRows<'a>>, Evolution> {
+    plan_with_budgets(catalog, items, batched_at, &BTreeMap::new())
+}
+
+/// [`plan`] with a column budget per table (the column selection's `maxColumns`; a table not
+/// named has [`COLUMN_LIMIT`]): a table stops growing columns at its budget, and later keys go
+/// to `_sdc_overflow`.
+pub fn plan_with_budgets<'a>(
+    catalog: &Catalog,
+    items: &'a [Item],
+    batched_at: DateTime<Utc>,
+    budgets: &BTreeMap<Table, usize>,
+) -> Result<Vec<TableRows<'a>>, Evolution> {
     let mut by_table: HashMap<Table, Vec<usize>> = HashMap::new();
     for (i, item) in items.iter().enumerate() {
         by_table.entry(item.record.table).or_default().push(i);
@@ -97,6 +109,7 @@ pub fn plan<'a>(
             items,
             &by_table[&table],
             batched_at,
+            budgets.get(&table).copied().unwrap_or(COLUMN_LIMIT),
         ) {
             Ok(rows) => planned.push(rows),
             Err(missing) => evolution.0.push((table, missing)),
@@ -154,6 +167,7 @@ fn plan_table<'a, 'c>(
     items: &'a [Item],
     indexes: &[usize],
     batched_at: DateTime<Utc>,
+    budget: usize,
 ) -> Result<TableRows<'a>, Vec<(KeyPath, ColumnType)>> {
     let base_keys: Vec<&'static str> = base_columns(table).iter().filter_map(|c| c.key).collect();
     let mut missing: Vec<(KeyPath, ColumnType)> = Vec::new();
@@ -189,7 +203,7 @@ fn plan_table<'a, 'c>(
         for field in &item.record.fields {
             let ty = field.value.column_type();
             let placement = *placed_at.entry((&field.path, ty)).or_insert_with(|| {
-                let room = existing.len() + missing.len() < COLUMN_LIMIT;
+                let room = existing.len() + missing.len() < budget;
                 Placement {
                     target: target(existing, &field.path, ty, room),
                     base: is_base_key(&field.path, &base_keys),

@@ -42,7 +42,8 @@ use crate::event::{Call, InvalidEvent, Table, json_kind, validate};
 use crate::json;
 use crate::load::{LoadError, Loader, Outcome, RETRY_AFTER, Warehouse};
 use crate::metrics::Metrics;
-use crate::normalize::{Record, normalize};
+use crate::normalize::{Record, normalize_selected};
+use crate::selection::Selection;
 use crate::startup::Readiness;
 
 /// The most events one webhook request may carry (Segment's Webhooks (Actions) batch size).
@@ -63,6 +64,8 @@ pub struct AppState {
     pub cors_origins: CorsOrigins,
     /// The tables selected for loading; events of other types are acknowledged and skipped.
     pub tables: Vec<Table>,
+    /// The column selection: which key paths load, and how.
+    pub selection: Arc<Selection>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// The largest request body accepted, in bytes.
@@ -254,13 +257,15 @@ fn parse_events(body: &Bytes) -> Result<Vec<(Value, Bytes)>, Refusal> {
 /// Records ready to submit, each with the bytes it came from, and the tables of skipped events.
 type Prepared = (Vec<(Record, Bytes)>, Vec<Table>);
 
-/// Validates and normalizes events; returns the records of selected tables and how many valid
-/// events were skipped because their table is not selected. One bad event refuses the request.
+/// Validates and normalizes events under the column selection (counting excluded values); returns
+/// the records of selected tables and how many valid events were skipped because their table is
+/// not selected. One bad event refuses the request.
 fn prepare(
     events: Vec<(Value, Bytes)>,
-    tables: &[Table],
+    state: &AppState,
     batch: bool,
 ) -> Result<Prepared, Refusal> {
+    let tables = &state.tables;
     let mut records = Vec::with_capacity(events.len());
     let mut skipped = Vec::new();
     for (index, (value, raw)) in events.into_iter().enumerate() {
@@ -277,7 +282,12 @@ fn prepare(
             continue;
         }
         if let Value::Object(object) = value {
-            records.push((normalize(table, &envelope, object), raw));
+            let selection = state.selection.table(table);
+            let (record, excluded) = normalize_selected(table, &envelope, object, &selection);
+            if excluded > 0 {
+                state.metrics.excluded(table, excluded);
+            }
+            records.push((record, raw));
         }
     }
     Ok((records, skipped))
@@ -293,7 +303,7 @@ async fn webhook(State(state): State<Arc<AppState>>, headers: HeaderMap, body: B
         return error(StatusCode::UNAUTHORIZED, unauthorized);
     }
     let batch = body.trim_ascii_start().starts_with(b"[");
-    let prepared = parse_events(&body).and_then(|events| prepare(events, &state.tables, batch));
+    let prepared = parse_events(&body).and_then(|events| prepare(events, &state, batch));
     let (records, skipped) = match prepared {
         Ok(prepared) => prepared,
         Err(refusal) => return refusal.into_response(),

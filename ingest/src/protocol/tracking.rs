@@ -193,7 +193,7 @@ pub(super) async fn tracking(
             (event, raw)
         })
         .collect();
-    let (records, skipped) = match prepare(enriched, &state.tables, route == Route::Batch) {
+    let (records, skipped) = match prepare(enriched, &state, route == Route::Batch) {
         Ok(prepared) => prepared,
         Err(refusal) => return refusal.into_response(),
     };
