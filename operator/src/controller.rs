@@ -17,11 +17,12 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::api::networking::v1::Ingress;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ListParams, PartialObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
+use kube::runtime::utils::Backoff;
 use kube::runtime::{Controller, controller as runtime, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
@@ -47,6 +48,10 @@ pub const REFRESH: Duration = Duration::from_secs(300);
 pub const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 /// Longest retry delay.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// First pause of the watches after one of them failed; doubles per consecutive failure.
+pub const WATCH_BACKOFF_FIRST: Duration = Duration::from_millis(250);
+/// Longest pause of the watches.
+pub const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// The image of `sluice-ingest` when neither the spec nor the configuration names one.
 pub const DEFAULT_INGEST_IMAGE: &str = concat!("sluice-ingest:", env!("CARGO_PKG_VERSION"));
 
@@ -217,6 +222,43 @@ impl Context {
     }
 }
 
+/// The pause of every watch of the controller after one of them failed: kube-runtime backs off
+/// all of its watches together, so a failure of one blinds the controller to every change for
+/// that long. Its default pause grows to 30 s and shrinks back only after two quiet minutes;
+/// after an API server restart each watch fails once (`410 Gone`: its resource version is older
+/// than the new server's cache) before it lists again, and those pauses added up to minutes in
+/// which a reconcile that added the finalizer waited for an event nobody delivered. This one
+/// starts again from [`WATCH_BACKOFF_FIRST`] as soon as any event arrives, and is at most
+/// [`WATCH_BACKOFF_MAX`], which is still gentle on a server that is down.
+#[derive(Debug, Clone)]
+pub struct WatchBackoff {
+    next: Duration,
+}
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        WatchBackoff {
+            next: WATCH_BACKOFF_FIRST,
+        }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let delay = self.next;
+        self.next = self.next.saturating_mul(2).min(WATCH_BACKOFF_MAX);
+        Some(delay)
+    }
+}
+
+impl Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = WATCH_BACKOFF_FIRST;
+    }
+}
+
 /// The delay before retry number `failures` (1-based): 1 s, 2 s, 4 s, … up to 5 minutes.
 pub fn backoff(failures: u32) -> Duration {
     let exponent = failures.saturating_sub(1).min(16);
@@ -266,6 +308,11 @@ pub async fn run_gated(
         watcher::Config::default(),
     );
     let store = controller.store();
+    // Owned children are watched as metadata only (kube-runtime's `owns` does so): the owner
+    // reference is all the trigger needs. So are the destination Secrets, through an
+    // `Api<PartialObjectMeta<Secret>>` (kube asks the API server for metadata only): the name is
+    // all the mapping needs, and a full watch would hold every Secret's data of the namespaces in
+    // memory while it lists them.
     controller
         .owns(scoped::<Deployment>(&client, ns), owned.clone())
         .owns(scoped::<Service>(&client, ns), owned.clone())
@@ -273,9 +320,9 @@ pub async fn run_gated(
         .owns(scoped::<Ingress>(&client, ns), owned.clone())
         .owns(scoped::<HorizontalPodAutoscaler>(&client, ns), owned)
         .watches(
-            scoped::<Secret>(&client, ns),
+            scoped::<PartialObjectMeta<Secret>>(&client, ns),
             watcher::Config::default(),
-            move |secret: Secret| {
+            move |secret: PartialObjectMeta<Secret>| {
                 let namespace = secret.namespace();
                 let name = secret.name_any();
                 store
@@ -289,6 +336,7 @@ pub async fn run_gated(
                     .collect::<Vec<_>>()
             },
         )
+        .trigger_backoff(WatchBackoff::default())
         .with_config(runtime::Config::default().concurrency(context.config.concurrency))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, context)
@@ -778,6 +826,18 @@ mod tests {
         assert_eq!(backoff(9), Duration::from_secs(256));
         assert_eq!(backoff(10), BACKOFF_MAX);
         assert_eq!(backoff(u32::MAX), BACKOFF_MAX);
+    }
+
+    #[test]
+    fn watch_backoff_doubles_to_five_seconds_and_starts_over_on_an_event() {
+        let mut backoff = WatchBackoff::default();
+        let delays: Vec<Duration> = backoff.by_ref().take(6).collect();
+        assert_eq!(
+            delays,
+            [250, 500, 1000, 2000, 4000, 5000].map(Duration::from_millis)
+        );
+        backoff.reset();
+        assert_eq!(backoff.next(), Some(WATCH_BACKOFF_FIRST));
     }
 
     #[test]

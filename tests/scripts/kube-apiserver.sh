@@ -6,6 +6,12 @@
 #   kube-apiserver.sh start DIR    start etcd + kube-apiserver, write DIR/{admin,restricted}.kubeconfig
 #                                  and DIR/env; returns when /readyz answers ok
 #   kube-apiserver.sh stop DIR     stop both and everything they started; safe to repeat
+#   kube-apiserver.sh down DIR etcd|kube-apiserver
+#                                  stop one of the pair, keeping its data, ports and credentials
+#   kube-apiserver.sh up DIR etcd|kube-apiserver
+#                                  start it again as `start` did; returns when it is healthy
+#   kube-apiserver.sh restart DIR etcd|kube-apiserver
+#                                  down, then up: for tests of a control plane that restarts
 #
 # Both binaries are built with `go build` from the Go module in tests/k8s (its go.mod pins the
 # versions and explains them) and cached in tools/kube-apiserver-<version>/ and tools/etcd-<version>/;
@@ -37,7 +43,7 @@ die() {
 }
 
 usage() {
-    sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -280,6 +286,99 @@ wait_healthy() {
     done
 }
 
+# The ports that `start` chose (DIR/ports): `up` brings a server back where its clients expect it.
+load_ports() {
+    local dir=$1
+    [[ -f $dir/ports ]] || die "no server was started in $dir; run: $0 start $dir"
+    # shellcheck source=/dev/null
+    source "$dir/ports"
+    PKI="$dir/pki"
+}
+
+# spawn_etcd DIR new|existing: a new cluster, or the one whose data is in DIR/etcd-data.
+spawn_etcd() {
+    local dir=$1 state=$2
+    spawn "$dir" etcd "$(etcd_bin)" \
+        --name sluice-test \
+        --data-dir "$dir/etcd-data" \
+        --listen-client-urls "http://127.0.0.1:$ETCD_PORT" \
+        --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
+        --listen-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
+        --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
+        --initial-cluster "sluice-test=http://127.0.0.1:$ETCD_PEER_PORT" \
+        --initial-cluster-state "$state" \
+        --unsafe-no-fsync \
+        --watch-progress-notify-interval 5s \
+        --log-level warn
+}
+
+wait_etcd() { wait_healthy "$1" etcd "http://127.0.0.1:$ETCD_PORT/health" "$2"; }
+
+# Without a controller manager no namespace gets a `default` ServiceAccount, so the
+# ServiceAccount admission plugin would refuse every Pod; envtest turns it off for the same
+# reason. The service IP range is bookkeeping only: nothing routes to it.
+spawn_apiserver() {
+    local dir=$1
+    spawn "$dir" kube-apiserver "$(apiserver_bin)" \
+        --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
+        --bind-address 127.0.0.1 \
+        --advertise-address 127.0.0.1 \
+        --secure-port "$APISERVER_PORT" \
+        --tls-cert-file "$PKI/apiserver.crt" \
+        --tls-private-key-file "$PKI/apiserver.key" \
+        --client-ca-file "$PKI/ca.crt" \
+        --authorization-mode RBAC \
+        --service-account-issuer https://kubernetes.default.svc.cluster.local \
+        --service-account-key-file "$PKI/service-account.pub" \
+        --service-account-signing-key-file "$PKI/service-account.key" \
+        --service-cluster-ip-range 10.0.0.0/16 \
+        --disable-admission-plugins ServiceAccount \
+        --allow-privileged=true \
+        --cert-dir "$PKI"
+}
+
+wait_apiserver() {
+    wait_healthy "$1" kube-apiserver "https://127.0.0.1:$APISERVER_PORT/readyz" "$2" \
+        --cacert "$PKI/ca.crt" --cert "$PKI/admin.crt" --key "$PKI/admin.key"
+}
+
+server_name() {
+    case ${1:-} in
+    etcd | kube-apiserver) printf '%s\n' "$1" ;;
+    *) die "name etcd or kube-apiserver, not '${1:-}'" ;;
+    esac
+}
+
+cmd_down() {
+    local dir=${1:?usage: kube-apiserver.sh down DIR etcd|kube-apiserver} name
+    name=$(server_name "${2:-}")
+    load_ports "$dir"
+    stop_one "$dir" "$name"
+    log "$name in $dir stopped (data and ports kept; bring it back with: $0 up $dir $name)"
+}
+
+# A log of its own per start: the last one a failure shows is the one that failed.
+cmd_up() {
+    local dir=${1:?usage: kube-apiserver.sh up DIR etcd|kube-apiserver} name
+    name=$(server_name "${2:-}")
+    dir=$(cd "$dir" && pwd)
+    load_ports "$dir"
+    if running_pid "$dir" "$name" >/dev/null; then
+        log "$name in $dir is already running"
+        return
+    fi
+    [[ -f $dir/$name.log ]] && mv -f "$dir/$name.log" "$dir/$name.log.previous"
+    local deadline=$((SECONDS + READY_TIMEOUT))
+    if [[ $name == etcd ]]; then
+        spawn_etcd "$dir" existing
+        wait_etcd "$dir" "$deadline"
+    else
+        spawn_apiserver "$dir"
+        wait_apiserver "$dir" "$deadline"
+    fi
+    log "$name in $dir is back"
+}
+
 cmd_start() {
     local dir=${1:?usage: kube-apiserver.sh start DIR}
     mkdir -p "$dir"
@@ -305,51 +404,23 @@ cmd_start() {
     PKI="$dir/pki"
     generate_pki
 
-    local etcd_port etcd_peer_port
     USED_PORTS=""
-    etcd_port=$(free_port)
-    etcd_peer_port=$(free_port)
-    APISERVER_PORT=$(free_port)
+    {
+        printf 'ETCD_PORT=%s\n' "$(free_port)"
+        printf 'ETCD_PEER_PORT=%s\n' "$(free_port)"
+        printf 'APISERVER_PORT=%s\n' "$(free_port)"
+    } >"$dir/ports"
+    # shellcheck source=/dev/null
+    source "$dir/ports"
     local started=$SECONDS
     local deadline=$((SECONDS + READY_TIMEOUT))
 
-    spawn "$dir" etcd "$etcd" \
-        --name sluice-test \
-        --data-dir "$dir/etcd-data" \
-        --listen-client-urls "http://127.0.0.1:$etcd_port" \
-        --advertise-client-urls "http://127.0.0.1:$etcd_port" \
-        --listen-peer-urls "http://127.0.0.1:$etcd_peer_port" \
-        --initial-advertise-peer-urls "http://127.0.0.1:$etcd_peer_port" \
-        --initial-cluster "sluice-test=http://127.0.0.1:$etcd_peer_port" \
-        --initial-cluster-state new \
-        --unsafe-no-fsync \
-        --watch-progress-notify-interval 5s \
-        --log-level warn
-    wait_healthy "$dir" etcd "http://127.0.0.1:$etcd_port/health" "$deadline"
-
-    # Without a controller manager no namespace gets a `default` ServiceAccount, so the
-    # ServiceAccount admission plugin would refuse every Pod; envtest turns it off for the same
-    # reason. The service IP range is bookkeeping only: nothing routes to it.
-    spawn "$dir" kube-apiserver "$apiserver" \
-        --etcd-servers "http://127.0.0.1:$etcd_port" \
-        --bind-address 127.0.0.1 \
-        --advertise-address 127.0.0.1 \
-        --secure-port "$APISERVER_PORT" \
-        --tls-cert-file "$PKI/apiserver.crt" \
-        --tls-private-key-file "$PKI/apiserver.key" \
-        --client-ca-file "$PKI/ca.crt" \
-        --authorization-mode RBAC \
-        --service-account-issuer https://kubernetes.default.svc.cluster.local \
-        --service-account-key-file "$PKI/service-account.pub" \
-        --service-account-signing-key-file "$PKI/service-account.key" \
-        --service-cluster-ip-range 10.0.0.0/16 \
-        --disable-admission-plugins ServiceAccount \
-        --allow-privileged=true \
-        --cert-dir "$PKI"
+    spawn_etcd "$dir" new
+    wait_etcd "$dir" "$deadline"
+    spawn_apiserver "$dir"
     write_kubeconfig "$dir/admin.kubeconfig" admin admin
     write_kubeconfig "$dir/restricted.kubeconfig" restricted restricted
-    wait_healthy "$dir" kube-apiserver "https://127.0.0.1:$APISERVER_PORT/readyz" "$deadline" \
-        --cacert "$PKI/ca.crt" --cert "$PKI/admin.crt" --key "$PKI/admin.key"
+    wait_apiserver "$dir" "$deadline"
 
     {
         printf '# Written by tests/scripts/kube-apiserver.sh start; source it before cargo test.\n'
@@ -368,6 +439,12 @@ main() {
     build) cmd_build ;;
     start) cmd_start "$@" ;;
     stop) cmd_stop "$@" ;;
+    down) cmd_down "$@" ;;
+    up) cmd_up "$@" ;;
+    restart)
+        cmd_down "$@"
+        cmd_up "$@"
+        ;;
     *) usage ;;
     esac
 }

@@ -1,10 +1,11 @@
 //! The Kubernetes API server harness: clients for the etcd + kube-apiserver pair that
 //! `tests/scripts/kube-apiserver.sh start DIR` runs, and the few steps every test against it takes.
 //!
-//! Starting and stopping the server is the script's job alone: `tests/run.sh` starts it once for
-//! the whole run and exports the variables below (from `DIR/env`). This module only reads them, so
-//! a test run without them fails with a message that says how to get a server, instead of starting
-//! one per test binary that nothing would stop.
+//! Starting and stopping the shared server is the script's job alone: `tests/run.sh` starts it once
+//! for the whole run and exports the variables below (from `DIR/env`). This module only reads them,
+//! so a test run without them fails with a message that says how to get a server, instead of
+//! starting one per test binary that nothing would stop. A test that stops or restarts its control
+//! plane takes one of its own instead ([`ControlPlane`]), stopped when the test drops it.
 //!
 //! One server is shared by every test binary and every test in it, in parallel. A test isolates
 //! itself in a namespace of its own ([`TestNamespace::create`]); cluster-scoped objects (CRDs,
@@ -114,13 +115,20 @@ fn env_var(var: &'static str) -> Result<String, Error> {
 }
 
 async fn client_from_env(var: &'static str) -> Result<Client, Error> {
-    let config = config_from_env(var).await?;
-    let path = PathBuf::from(env_var(var)?);
+    client_from_path(var, PathBuf::from(env_var(var)?)).await
+}
+
+async fn client_from_path(var: &'static str, path: PathBuf) -> Result<Client, Error> {
+    let config = config_from_path(var, &path).await?;
     Client::try_from(config).map_err(|source| Error::Client { path, source })
 }
 
 async fn config_from_env(var: &'static str) -> Result<Config, Error> {
-    let path = PathBuf::from(env_var(var)?);
+    config_from_path(var, &PathBuf::from(env_var(var)?)).await
+}
+
+async fn config_from_path(var: &'static str, path: &std::path::Path) -> Result<Config, Error> {
+    let path = path.to_owned();
     let kubeconfig = Kubeconfig::read_from(&path).map_err(|source| Error::Kubeconfig {
         var,
         path: path.clone(),
@@ -271,6 +279,78 @@ pub async fn put_url_secret(
         )
         .await?;
     Ok(())
+}
+
+/// One of the two servers of a [`ControlPlane`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Server {
+    /// etcd, where the API server keeps every object.
+    Etcd,
+    /// kube-apiserver, which the operator and the tests talk to.
+    ApiServer,
+}
+
+impl Server {
+    fn name(self) -> &'static str {
+        match self {
+            Server::Etcd => "etcd",
+            Server::ApiServer => "kube-apiserver",
+        }
+    }
+}
+
+/// An etcd + kube-apiserver pair of one test's own (`tests/scripts/kube-apiserver.sh` in a
+/// temporary folder, with the binaries of the shared one), for tests that stop or restart it;
+/// stopped when dropped. Each server comes back on its port with its data, so clients made before
+/// a restart keep working after it.
+#[derive(Debug)]
+pub struct ControlPlane {
+    dir: tempfile::TempDir,
+}
+
+impl ControlPlane {
+    /// Starts a new, empty control plane; returns once the API server is ready.
+    pub async fn start() -> ControlPlane {
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let control_plane = ControlPlane { dir };
+        crate::postgres::run_script("kube-apiserver.sh", &["start", control_plane.path()]).await;
+        control_plane
+    }
+
+    fn path(&self) -> &str {
+        self.dir.path().to_str().expect("UTF-8 path")
+    }
+
+    /// The kubeconfig of its admin identity (group `system:masters`).
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.dir.path().join("admin.kubeconfig")
+    }
+
+    /// A new admin client of this control plane.
+    pub async fn admin_client(&self) -> Result<Client, Error> {
+        client_from_path(ADMIN_KUBECONFIG_ENV, self.kubeconfig()).await
+    }
+
+    /// Stops `server`, keeping its data and port.
+    pub async fn down(&self, server: Server) {
+        crate::postgres::run_script("kube-apiserver.sh", &["down", self.path(), server.name()])
+            .await;
+    }
+
+    /// Starts `server` again after [`ControlPlane::down`]; returns once it is healthy.
+    pub async fn up(&self, server: Server) {
+        crate::postgres::run_script("kube-apiserver.sh", &["up", self.path(), server.name()]).await;
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("bash")
+            .arg(crate::postgres::script("kube-apiserver.sh"))
+            .arg("stop")
+            .arg(self.dir.path())
+            .status();
+    }
 }
 
 /// How long a test waits for something the operator or the API server does eventually. Generous:
