@@ -138,6 +138,24 @@ impl Destination {
         .expect("statement runs");
     }
 
+    /// Makes the database refuse `track` rows whose `event` is `Forbidden`, as a warehouse owner's
+    /// constraint would (a CHECK on PostgreSQL, a trigger on SQLite), so that such records go to
+    /// `_sdc_rejected`. The table must exist.
+    pub async fn forbid_track_event_forbidden(&self, schema: &str) {
+        let table = sluice_ingest::schema::qualified(schema, "track");
+        let sql = match self.backend {
+            Backend::Postgres => {
+                format!("ALTER TABLE {table} ADD CONSTRAINT no_test CHECK (event <> 'Forbidden')")
+            }
+            Backend::Sqlite => format!(
+                "CREATE TRIGGER {}.no_test BEFORE INSERT ON track \
+                 WHEN NEW.event = 'Forbidden' BEGIN SELECT RAISE(ABORT, 'forbidden event'); END",
+                sluice_ingest::schema::quote_ident(schema)
+            ),
+        };
+        self.execute(schema, &sql).await;
+    }
+
     /// The columns `_sdc_columns` records for each key path of `table`: the path's first
     /// column, then its splits.
     pub async fn key_columns(

@@ -606,16 +606,7 @@ async fn full_queue_answers_503_with_retry_after(backend: Backend) {
 /// `_sdc_rejected` with the reason and the event as received; the rest of its batch commits.
 async fn refused_records_go_to_sdc_rejected(backend: Backend) {
     let (dest, server) = serve(backend, "rejected", &[]).await;
-    let refuse = match backend {
-        Backend::Postgres => {
-            "ALTER TABLE segment.track ADD CONSTRAINT no_test CHECK (event <> 'Forbidden')"
-        }
-        Backend::Sqlite => {
-            "CREATE TRIGGER segment.no_test BEFORE INSERT ON track \
-            WHEN NEW.event = 'Forbidden' BEGIN SELECT RAISE(ABORT, 'forbidden event'); END"
-        }
-    };
-    dest.execute(SCHEMA, refuse).await;
+    dest.forbid_track_event_forbidden(SCHEMA).await;
     let mut forbidden = track("refused", json!({"note": "a\u{0}b"}));
     forbidden["event"] = json!("Forbidden");
     let batch = format!("[{}, {}]", track("fine", json!({"a": 1})), forbidden);

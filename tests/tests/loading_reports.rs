@@ -48,16 +48,7 @@ fn int(row: &serde_json::Map<String, Value>, key: &str) -> i64 {
 
 async fn loads_and_rejections_are_reported_per_table_and_minute(backend: Backend) {
     let (dest, server) = serve(backend, "loads", &[]).await;
-    let forbid = match backend {
-        Backend::Postgres => {
-            "ALTER TABLE segment.track ADD CONSTRAINT no_test CHECK (event <> 'Forbidden')"
-        }
-        Backend::Sqlite => {
-            "CREATE TRIGGER segment.no_test BEFORE INSERT ON track \
-             WHEN NEW.event = 'Forbidden' BEGIN SELECT RAISE(ABORT, 'forbidden event'); END"
-        }
-    };
-    dest.execute(SCHEMA, forbid).await;
+    dest.forbid_track_event_forbidden(SCHEMA).await;
     let webhook = server.url("/v1/webhook");
     let batch = json!([
         track("t-1", "Order Completed"),

@@ -116,16 +116,7 @@ async fn browser_shows_tables_refusals_rejections_and_no_password(backend: Backe
     };
     let ingest = Process::spawn(&["--database-url", &url], &[]).await;
     // The database's owner forbids one event, so its record goes to _sdc_rejected.
-    let forbid = match backend {
-        Backend::Postgres => {
-            "ALTER TABLE segment.track ADD CONSTRAINT no_test CHECK (event <> 'Forbidden')"
-        }
-        Backend::Sqlite => {
-            "CREATE TRIGGER segment.no_test BEFORE INSERT ON track \
-             WHEN NEW.event = 'Forbidden' BEGIN SELECT RAISE(ABORT, 'forbidden event'); END"
-        }
-    };
-    dest.execute(SCHEMA, forbid).await;
+    dest.forbid_track_event_forbidden(SCHEMA).await;
 
     let webhook = ingest.url("/v1/webhook");
     let batch = json!([
