@@ -240,6 +240,7 @@ async fn integration_provisions_credentials_deployment_service_schema_and_status
         tables_in(&url, "shop_events").await,
         [
             "_sdc_columns",
+            "_sdc_deletions",
             "_sdc_loads",
             "_sdc_ownership",
             "_sdc_refusals",
@@ -817,6 +818,7 @@ async fn drop_removes_only_what_sluice_created() {
         [
             "schema:public:false",
             "table:_sdc_columns:true",
+            "table:_sdc_deletions:true",
             "table:_sdc_loads:true",
             "table:_sdc_ownership:true",
             "table:_sdc_refusals:true",
@@ -1060,6 +1062,7 @@ async fn ingest_started_as_the_deployment_says_loads_a_signed_webhook() {
         tables_in(&url, "stitch_segment").await,
         [
             "_sdc_columns",
+            "_sdc_deletions",
             "_sdc_loads",
             "_sdc_ownership",
             "_sdc_refusals",
