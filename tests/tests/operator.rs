@@ -324,6 +324,7 @@ async fn integration_provisions_credentials_deployment_service_schema_and_status
         ("SLUICE_MAX_BATCH_ROWS", "500"),
         ("SLUICE_MAX_BATCH_DELAY", "20ms"),
         ("SLUICE_ACCEPT_FIRST_EVENT_SIGNATURES", "false"),
+        ("SLUICE_HONOUR_DELETES", "false"),
         ("SLUICE_INTEGRATION_UID", &uid),
         (
             "SLUICE_INTEGRATION_NAME",
