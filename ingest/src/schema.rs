@@ -580,6 +580,21 @@ pub fn insert_deletions_sql(dialect: Dialect, schema: &str, rows: usize) -> Stri
     format!("{insert} ON CONFLICT DO NOTHING")
 }
 
+/// `UPDATE` of the rows deleted (`$1`) in the [`DELETIONS`] row of message id `$2` and table
+/// name `$3`.
+pub fn count_deletion_sql(dialect: Dialect, schema: &str) -> String {
+    format!(
+        "UPDATE {} SET {} = {} WHERE {} = {} AND {} = {}",
+        qualified(schema, DELETIONS_TABLE),
+        quote_ident("rows_deleted"),
+        dialect.placeholder(1),
+        quote_ident("message_id"),
+        dialect.placeholder(2),
+        quote_ident("table_name"),
+        dialect.placeholder(3)
+    )
+}
+
 /// The recorded deletion of message id `$1`, as `(table name, user id, rows deleted)`, by table.
 pub fn recorded_deletion_sql(dialect: Dialect, schema: &str) -> String {
     format!(
@@ -930,6 +945,11 @@ mod tests {
         assert!(insert_deletions_sql(Dialect::Postgres, "s", 2).ends_with(
             "VALUES ($1, $2, $3, $4, $5), ($6, $7, $8, $9, $10) ON CONFLICT DO NOTHING"
         ));
+        assert_eq!(
+            count_deletion_sql(Dialect::Postgres, "s"),
+            "UPDATE \"s\".\"_sdc_deletions\" SET \"rows_deleted\" = $1 \
+             WHERE \"message_id\" = $2 AND \"table_name\" = $3"
+        );
         assert_eq!(
             recorded_deletion_sql(Dialect::Sqlite, "s"),
             "SELECT \"table_name\", \"user_id\", \"rows_deleted\" FROM \"s\".\"_sdc_deletions\" \

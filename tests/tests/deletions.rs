@@ -189,6 +189,57 @@ async fn a_delete_in_a_batch_runs_after_the_batch_events(backend: Backend) {
         "{error}"
     );
     assert_eq!(snapshot(&dest).await, before);
+
+    server.stop().await;
+}
+
+async fn concurrent_deliveries_of_a_delete_carry_it_out_once(backend: Backend) {
+    let (dest, server) = serve(backend, "deletes_concurrent", &["--honour-deletes"]).await;
+    let url = server.url("/v1/webhook");
+    assert_eq!(post(&url, &two_users()).await.0, 200);
+
+    // Deliveries of one new request at the same time: carried out by one, recorded once.
+    let sends: Vec<_> = (0..4)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { post(&url, &delete("del-6", "u1")).await })
+        })
+        .collect();
+    let mut first_times = 0;
+    for send in sends {
+        let (status, answer) = send.await.expect("sender");
+        assert_eq!(status, 200, "{answer}");
+        if answer["deleted"][0]["alreadyDone"] == json!(false) {
+            first_times += 1;
+        }
+    }
+    assert_eq!(first_times, 1, "one delivery carries the request out");
+    let del6: Vec<_> = recorded(&dest)
+        .await
+        .into_iter()
+        .filter(|r| r.0 == "del-6")
+        .collect();
+    assert_eq!(
+        del6,
+        per_table(
+            "del-6",
+            "u1",
+            [
+                ("group", 0),
+                ("identify", 1),
+                ("page", 1),
+                ("screen", 0),
+                ("track", 2)
+            ]
+        )
+    );
+    for table in Table::DEFAULT {
+        assert!(
+            ids_of(&dest, table, "u1").await.is_empty(),
+            "u1 rows left in {table}"
+        );
+    }
+    assert_eq!(ids_of(&dest, Table::Track, "u2").await, ["t3"]);
     server.stop().await;
 }
 
@@ -274,6 +325,7 @@ async fn erase_deletes_a_users_rows_from_the_command_line(backend: Backend) {
 sluice_tests::on_both_backends!(
     a_delete_removes_every_row_of_its_user_once,
     a_delete_in_a_batch_runs_after_the_batch_events,
+    concurrent_deliveries_of_a_delete_carry_it_out_once,
     without_the_flag_a_delete_is_refused_with_501,
     erase_deletes_a_users_rows_from_the_command_line,
 );

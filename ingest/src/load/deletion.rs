@@ -52,13 +52,26 @@ impl Warehouse {
             .filter(|t| !catalog.table(*t).is_empty())
             .collect();
         let mut tx = self.begin().await.map_err(|e| self.error(e))?;
-        let recorded = tx
-            .recorded_deletion(&self.schema, &request.message_id)
+        // The request is claimed first: its rows of `_sdc_deletions` are inserted, counts still
+        // 0. One recorded before, or being carried out by a concurrent transaction (on
+        // PostgreSQL the insert waits for that one to end), conflicts: then nothing is deleted,
+        // and what was recorded is read back. So two deliveries at once delete once.
+        let claim: BTreeMap<String, i64> =
+            tables.iter().map(|t| (t.name().to_owned(), 0)).collect();
+        let claimed = tx
+            .record_deletion(&self.schema, request, &claim, Utc::now())
             .await
             .map_err(|e| self.error(e))?;
-        if let Some((user_id, deleted)) = recorded {
-            // Nothing was written: dropping the transaction rolls it back.
+        if claimed < claim.len() as u64 {
+            // Dropping the transaction rolls back whatever part of the claim was inserted.
             drop(tx);
+            let mut read = self.begin().await.map_err(|e| self.error(e))?;
+            let recorded = read
+                .recorded_deletion(&self.schema, &request.message_id)
+                .await
+                .map_err(|e| self.error(e))?;
+            drop(read);
+            let (user_id, deleted) = recorded.unwrap_or_else(|| (request.user_id.clone(), claim));
             return Ok(Deletion {
                 message_id: request.message_id.clone(),
                 user_id,
@@ -72,11 +85,11 @@ impl Warehouse {
                 .delete_user_rows(&self.schema, table, &request.user_id)
                 .await
                 .map_err(|e| self.error(e))?;
+            tx.count_deletion(&self.schema, &request.message_id, table, rows)
+                .await
+                .map_err(|e| self.error(e))?;
             deleted.insert(table.name().to_owned(), rows);
         }
-        tx.record_deletion(&self.schema, request, &deleted, Utc::now())
-            .await
-            .map_err(|e| self.error(e))?;
         tx.commit().await.map_err(|e| self.error(e))?;
         Ok(Deletion {
             message_id: request.message_id.clone(),
@@ -143,16 +156,40 @@ impl Tx {
         Ok(i64::try_from(affected).unwrap_or(i64::MAX))
     }
 
-    /// Records a deletion in `_sdc_deletions`, one row per table.
+    /// Sets the rows deleted from `table` in the deletion recorded for `message_id`.
+    async fn count_deletion(
+        &mut self,
+        schema: &str,
+        message_id: &str,
+        table: Table,
+        rows: i64,
+    ) -> Result<(), sqlx::Error> {
+        let sql = schema::count_deletion_sql(self.dialect(), schema);
+        macro_rules! bind_count {
+            () => {
+                sqlx::query(AssertSqlSafe(sql))
+                    .bind(rows)
+                    .bind(message_id)
+                    .bind(table.name())
+            };
+        }
+        match self {
+            Tx::Postgres(tx) => bind_count!().execute(&mut **tx).await.map(drop),
+            Tx::Sqlite(tx) => bind_count!().execute(&mut **tx).await.map(drop),
+        }
+    }
+
+    /// Records a deletion in `_sdc_deletions`, one row per table, unless rows of its message id
+    /// and those tables are there already; returns how many rows it inserted.
     async fn record_deletion(
         &mut self,
         schema: &str,
         request: &DeletionRequest,
         deleted: &BTreeMap<String, i64>,
         at: DateTime<Utc>,
-    ) -> Result<(), sqlx::Error> {
+    ) -> Result<u64, sqlx::Error> {
         if deleted.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         let sql = schema::insert_deletions_sql(self.dialect(), schema, deleted.len());
         // The same parameters on both databases; only the time's encoding differs.
@@ -171,10 +208,13 @@ impl Tx {
             }};
         }
         match self {
-            Tx::Postgres(tx) => bind_rows!(at).execute(&mut **tx).await.map(drop),
+            Tx::Postgres(tx) => Ok(bind_rows!(at).execute(&mut **tx).await?.rows_affected()),
             Tx::Sqlite(tx) => {
                 let at = format_timestamp(&at);
-                bind_rows!(at.as_str()).execute(&mut **tx).await.map(drop)
+                Ok(bind_rows!(at.as_str())
+                    .execute(&mut **tx)
+                    .await?
+                    .rows_affected())
             }
         }
     }
