@@ -19,12 +19,13 @@ pub struct Config {
         long,
         env = "SLUICE_DATABASE_URL",
         default_value = "sqlite://sluice.db",
-        hide_env_values = true
+        hide_env_values = true,
+        global = true
     )]
     pub database_url: String,
 
     /// Schema the tables live in (on SQLite, the name the database file is attached under).
-    #[arg(long, env = "SLUICE_SCHEMA", default_value = "segment")]
+    #[arg(long, env = "SLUICE_SCHEMA", default_value = "segment", global = true)]
     pub schema: String,
 
     /// Address to listen on.
@@ -154,9 +155,32 @@ pub struct Config {
     #[arg(long, env = "SLUICE_REFUSED_LOG_SIZE", default_value_t = 200, value_parser = clap::value_parser!(u32).range(0..=100_000))]
     pub refused_log_size: u32,
 
+    /// Carry out user deletion requests: a `delete` event on /v1/webhook deletes every row of
+    /// its userId from every event table, and is recorded in _sdc_deletions. Off by default:
+    /// such events are refused with 501.
+    #[arg(long, env = "SLUICE_HONOUR_DELETES")]
+    pub honour_deletes: bool,
+
     /// Log filter (tracing's EnvFilter syntax), e.g. info or sluice_ingest=debug.
-    #[arg(long, env = "SLUICE_LOG", default_value = "info")]
+    #[arg(long, env = "SLUICE_LOG", default_value = "info", global = true)]
     pub log: String,
+
+    /// What to do instead of serving HTTP (by default, serve).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// A one-off task instead of the service.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Delete every row of one user from every event table of the schema, record it in
+    /// _sdc_deletions and print what was deleted (JSON), for deletion requests that come by
+    /// other routes than Segment. Uses --database-url and --schema.
+    Erase {
+        /// The user_id whose rows are deleted.
+        #[arg(long)]
+        user_id: String,
+    },
 }
 
 fn parse_delay(text: &str) -> Result<Duration, String> {
@@ -267,6 +291,7 @@ impl Config {
                 self.accept_first_event_signatures.to_string(),
             ),
             ("refused log size", self.refused_log_size.to_string()),
+            ("honour deletes", self.honour_deletes.to_string()),
             (
                 "column selection",
                 if self.column_selection.trim().is_empty() {

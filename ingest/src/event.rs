@@ -108,8 +108,9 @@ impl FromStr for Table {
 pub enum Call {
     /// A call that loads a row into a table.
     Load(Table),
-    /// A user deletion request (`type: delete`). Sluice does not delete rows on a webhook's
-    /// word; such requests are refused explicitly so that nothing is half-done.
+    /// A user deletion request (`type: delete`). Carried out only with `--honour-deletes`
+    /// ([`crate::load::Warehouse::delete_user`]); otherwise refused explicitly, so that nothing
+    /// is half-done.
     Delete,
 }
 

@@ -53,6 +53,22 @@ pub enum RunError {
     Io(#[from] std::io::Error),
 }
 
+/// `sluice-ingest erase`: deletes every row of `user_id` from every event table of the
+/// configured schema and records it in `_sdc_deletions` (one transaction), under a message id of
+/// its own (`erase:` and the time). The schema must have been prepared by the service.
+pub async fn erase(config: &Config, user_id: &str) -> Result<load::Deletion, LoadError> {
+    let warehouse =
+        Warehouse::connect_with(&config.database_url, &config.schema, 1, config.timeouts())?;
+    let request = load::DeletionRequest {
+        message_id: format!(
+            "erase:{}",
+            chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+        ),
+        user_id: user_id.to_owned(),
+    };
+    warehouse.delete_user(&request).await
+}
+
 /// Runs the service on `listener` until `shutdown` resolves, then stops accepting requests,
 /// lets the ones in flight finish (their events are committed and answered) and returns.
 pub async fn run(
@@ -123,6 +139,7 @@ pub async fn run(
         commit_timeout: config.commit_timeout(),
         readiness,
         refusals: refusals.clone(),
+        honour_deletes: config.honour_deletes,
         settings: Arc::new(config.shown()),
     });
     let address = listener.local_addr()?;

@@ -3,7 +3,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use sluice_ingest::{Config, run};
+use sluice_ingest::config::Command;
+use sluice_ingest::{Config, erase, run};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
@@ -13,6 +14,24 @@ async fn main() -> ExitCode {
         .with_env_filter(EnvFilter::try_new(&config.log).unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
         .init();
+    if let Some(Command::Erase { user_id }) = &config.command {
+        return match erase(&config, user_id).await {
+            Ok(deletion) => match serde_json::to_string_pretty(&deletion) {
+                Ok(text) => {
+                    println!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot print the deletion");
+                    ExitCode::FAILURE
+                }
+            },
+            Err(e) => {
+                tracing::error!(error = %e, "erase failed");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let listener = match tokio::net::TcpListener::bind(config.listen).await {
         Ok(listener) => listener,
         Err(e) => {

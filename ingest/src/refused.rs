@@ -53,7 +53,8 @@ pub enum Reason {
     BodyTimeout,
     /// The body's `Content-Encoding` is not one Sluice decodes.
     UnsupportedEncoding,
-    /// A user deletion request, which Sluice does not carry out.
+    /// A user deletion request, which Sluice carries out only with `--honour-deletes` (and
+    /// never on the Tracking API).
     DeleteUnsupported,
 }
 

@@ -545,6 +545,67 @@ pub fn refusals_since_sql(dialect: Dialect, schema: &str) -> String {
     )
 }
 
+/// The record of user deletion requests carried out.
+pub const DELETIONS_TABLE: &str = "_sdc_deletions";
+
+/// `_sdc_deletions`: per deletion request (its message id) and event table, the user whose rows
+/// were deleted, how many rows were deleted and when. Never any of the deleted data. A request is
+/// recorded in the transaction that deletes its rows, once per message id.
+pub const DELETIONS: SystemTable = SystemTable {
+    name: DELETIONS_TABLE,
+    columns: &[
+        ("message_id", "text NOT NULL"),
+        ("table_name", "text NOT NULL"),
+        ("user_id", "text NOT NULL"),
+        ("rows_deleted", "bigint NOT NULL"),
+        ("_sdc_deleted_at", "timestamptz NOT NULL"),
+    ],
+    primary_key: &["message_id", "table_name"],
+};
+
+/// `DELETE` of every row of an event table whose `user_id` is `$1`.
+pub fn delete_user_rows_sql(dialect: Dialect, schema: &str, table: Table) -> String {
+    format!(
+        "DELETE FROM {} WHERE {} = {}",
+        qualified(schema, table.name()),
+        quote_ident("user_id"),
+        dialect.placeholder(1)
+    )
+}
+
+/// `INSERT` of `rows` rows of [`DELETIONS`] (parameters in its column order, row by row); a row
+/// already recorded for the same message id and table is kept as it is.
+pub fn insert_deletions_sql(dialect: Dialect, schema: &str, rows: usize) -> String {
+    let insert = DELETIONS.insert_sql(dialect, schema, DELETIONS.columns.len(), rows);
+    format!("{insert} ON CONFLICT DO NOTHING")
+}
+
+/// `UPDATE` of the rows deleted (`$1`) in the [`DELETIONS`] row of message id `$2` and table
+/// name `$3`.
+pub fn count_deletion_sql(dialect: Dialect, schema: &str) -> String {
+    format!(
+        "UPDATE {} SET {} = {} WHERE {} = {} AND {} = {}",
+        qualified(schema, DELETIONS_TABLE),
+        quote_ident("rows_deleted"),
+        dialect.placeholder(1),
+        quote_ident("message_id"),
+        dialect.placeholder(2),
+        quote_ident("table_name"),
+        dialect.placeholder(3)
+    )
+}
+
+/// The recorded deletion of message id `$1`, as `(table name, user id, rows deleted)`, by table.
+pub fn recorded_deletion_sql(dialect: Dialect, schema: &str) -> String {
+    format!(
+        "{} WHERE {} = {} ORDER BY {}",
+        DELETIONS.select_sql(schema, &["table_name", "user_id", "rows_deleted"]),
+        quote_ident("message_id"),
+        dialect.placeholder(1),
+        quote_ident("table_name")
+    )
+}
+
 /// `SELECT` of every record of `_sdc_columns`: table name, column name, key path, column type,
 /// split of.
 pub fn select_columns_sql(schema: &str) -> String {
@@ -868,6 +929,31 @@ mod tests {
         assert_eq!(
             COLUMNS.select_sql("a\"b", &["key_path"]),
             "SELECT \"key_path\" FROM \"a\"\"b\".\"_sdc_columns\""
+        );
+    }
+
+    #[test]
+    fn deletion_sql_quotes_identifiers_and_binds_the_user() {
+        assert_eq!(
+            delete_user_rows_sql(Dialect::Postgres, "a\"b", Table::Group),
+            "DELETE FROM \"a\"\"b\".\"group\" WHERE \"user_id\" = $1"
+        );
+        assert_eq!(
+            delete_user_rows_sql(Dialect::Sqlite, "s", Table::Track),
+            "DELETE FROM \"s\".\"track\" WHERE \"user_id\" = ?1"
+        );
+        assert!(insert_deletions_sql(Dialect::Postgres, "s", 2).ends_with(
+            "VALUES ($1, $2, $3, $4, $5), ($6, $7, $8, $9, $10) ON CONFLICT DO NOTHING"
+        ));
+        assert_eq!(
+            count_deletion_sql(Dialect::Postgres, "s"),
+            "UPDATE \"s\".\"_sdc_deletions\" SET \"rows_deleted\" = $1 \
+             WHERE \"message_id\" = $2 AND \"table_name\" = $3"
+        );
+        assert_eq!(
+            recorded_deletion_sql(Dialect::Sqlite, "s"),
+            "SELECT \"table_name\", \"user_id\", \"rows_deleted\" FROM \"s\".\"_sdc_deletions\" \
+             WHERE \"message_id\" = ?1 ORDER BY \"table_name\""
         );
     }
 

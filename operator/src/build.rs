@@ -294,6 +294,10 @@ pub fn ingest_env(si: &SegmentIntegration, inputs: &Inputs) -> Result<Vec<EnvVar
             "SLUICE_ACCEPT_FIRST_EVENT_SIGNATURES",
             si.spec.ingest.accept_first_event_signatures.to_string(),
         ),
+        env(
+            "SLUICE_HONOUR_DELETES",
+            si.spec.ingest.honour_deletes.to_string(),
+        ),
         env("SLUICE_INTEGRATION_UID", owner.uid),
         env("SLUICE_INTEGRATION_NAME", owner.name),
     ])
@@ -744,6 +748,22 @@ mod tests {
         let mut si = basic();
         assert_eq!(setting(&si).as_deref(), Some("false"));
         si.spec.ingest.accept_first_event_signatures = true;
+        assert_eq!(setting(&si).as_deref(), Some("true"));
+    }
+
+    #[test]
+    fn deletion_requests_are_honoured_only_when_the_spec_says_so() {
+        let setting = |si: &SegmentIntegration| {
+            let deployment = deployment(si, &inputs()).expect("deployment");
+            let pod = deployment.spec.expect("spec").template.spec.expect("pod");
+            env_value(
+                &pod.containers[0].env.clone().expect("env"),
+                "SLUICE_HONOUR_DELETES",
+            )
+        };
+        let mut si = basic();
+        assert_eq!(setting(&si).as_deref(), Some("false"));
+        si.spec.ingest.honour_deletes = true;
         assert_eq!(setting(&si).as_deref(), Some("true"));
     }
 

@@ -178,6 +178,11 @@ pub struct IngestSpec {
     /// by `messageId`. For batched delivery send the API key in the `Authorization` header.
     #[serde(default)]
     pub accept_first_event_signatures: bool,
+    /// Carry out Segment user deletion requests (`sluice-ingest --honour-deletes`): a `delete`
+    /// event deletes every row of its `userId` from every event table, recorded in
+    /// `_sdc_deletions`. Off by default: such events are refused with 501.
+    #[serde(default)]
+    pub honour_deletes: bool,
 }
 
 fn default_replicas() -> i32 {
@@ -192,6 +197,7 @@ impl Default for IngestSpec {
             resources: None,
             autoscaling: None,
             accept_first_event_signatures: false,
+            honour_deletes: false,
         }
     }
 }
@@ -461,6 +467,7 @@ mod tests {
         assert_eq!(si.spec.loading, Loading::default());
         assert_eq!(si.spec.deletion_policy, DeletionPolicy::Retain);
         assert!(!si.spec.ingest.accept_first_event_signatures);
+        assert!(!si.spec.ingest.honour_deletes);
     }
 
     #[test]

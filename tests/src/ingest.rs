@@ -258,6 +258,20 @@ impl Destination {
             .collect()
     }
 
+    /// Rows in `_sdc_deletions`, as JSON objects, ordered by message id and table (times as the
+    /// database gives them).
+    pub async fn deletions(&self, schema: &str) -> Vec<Row> {
+        let mut rows: Vec<Row> = self
+            .json_rows(schema, "_sdc_deletions")
+            .await
+            .into_iter()
+            .map(|text| serde_json::from_str(&text).expect("row as JSON"))
+            .collect();
+        let key = |r: &Row| (r["message_id"].to_string(), r["table_name"].to_string());
+        rows.sort_by_key(key);
+        rows
+    }
+
     /// Rows in `_sdc_loads`, as JSON objects, times normalised as in [`Destination::rows`].
     pub async fn loads(&self, schema: &str) -> Vec<Row> {
         self.json_rows(schema, "_sdc_loads")

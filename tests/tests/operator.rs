@@ -240,6 +240,7 @@ async fn integration_provisions_credentials_deployment_service_schema_and_status
         tables_in(&url, "shop_events").await,
         [
             "_sdc_columns",
+            "_sdc_deletions",
             "_sdc_loads",
             "_sdc_ownership",
             "_sdc_refusals",
@@ -323,6 +324,7 @@ async fn integration_provisions_credentials_deployment_service_schema_and_status
         ("SLUICE_MAX_BATCH_ROWS", "500"),
         ("SLUICE_MAX_BATCH_DELAY", "20ms"),
         ("SLUICE_ACCEPT_FIRST_EVENT_SIGNATURES", "false"),
+        ("SLUICE_HONOUR_DELETES", "false"),
         ("SLUICE_INTEGRATION_UID", &uid),
         (
             "SLUICE_INTEGRATION_NAME",
@@ -817,6 +819,7 @@ async fn drop_removes_only_what_sluice_created() {
         [
             "schema:public:false",
             "table:_sdc_columns:true",
+            "table:_sdc_deletions:true",
             "table:_sdc_loads:true",
             "table:_sdc_ownership:true",
             "table:_sdc_refusals:true",
@@ -1060,6 +1063,7 @@ async fn ingest_started_as_the_deployment_says_loads_a_signed_webhook() {
         tables_in(&url, "stitch_segment").await,
         [
             "_sdc_columns",
+            "_sdc_deletions",
             "_sdc_loads",
             "_sdc_ownership",
             "_sdc_refusals",

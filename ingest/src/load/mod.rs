@@ -7,6 +7,7 @@
 //! A job is acknowledged only after the transaction that holds its records has committed.
 
 mod batcher;
+mod deletion;
 mod objects;
 pub mod ownership;
 pub mod plan;
@@ -23,6 +24,7 @@ use sqlx::{AssertSqlSafe, PgPool, SqlitePool};
 use tokio::sync::Mutex;
 
 pub use batcher::{Job, LoadSummary, Loader, LoaderConfig, Outcome, Submitted, Writer};
+pub use deletion::{Deletion, DeletionRequest};
 pub use ownership::{Claim, Dropped, OWNERSHIP_TABLE, Owner};
 pub use plan::Item;
 
@@ -354,7 +356,7 @@ impl Warehouse {
     }
 
     /// Creates the schema, the event tables in `tables`, `_sdc_rejected`, `_sdc_columns`,
-    /// `_sdc_loads` and `_sdc_refusals` if they are missing, and records the tables' base
+    /// `_sdc_loads`, `_sdc_refusals` and `_sdc_deletions` if they are missing, and records the tables' base
     /// columns in `_sdc_columns`. Safe to run from several processes at once; changes nothing
     /// that exists, and needs no privilege for what exists (a schema created beforehand needs only `USAGE` and `CREATE` on it, not
     /// `CREATE` on the database).

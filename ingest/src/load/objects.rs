@@ -14,8 +14,9 @@ use crate::event::Table;
 use chrono::Utc;
 
 use crate::schema::{
-    COLUMNS_TABLE, ColumnRecord, LOADS, LOADS_TABLE, REFUSALS, REFUSALS_TABLE, REJECTED_TABLE,
-    create_columns_sql, create_rejected_sql, create_schema_sql, create_table_sql, qualified,
+    COLUMNS_TABLE, ColumnRecord, DELETIONS, DELETIONS_TABLE, LOADS, LOADS_TABLE, REFUSALS,
+    REFUSALS_TABLE, REJECTED_TABLE, create_columns_sql, create_rejected_sql, create_schema_sql,
+    create_table_sql, qualified,
 };
 
 /// The schema and the relations in it, as they were before a step changed anything.
@@ -78,7 +79,7 @@ impl Tx {
 
 impl Warehouse {
     /// Creates, inside a transaction holding the schema's DDL lock, the schema, the event
-    /// tables in `tables`, `_sdc_rejected`, `_sdc_columns`, `_sdc_loads` and `_sdc_refusals`
+    /// tables in `tables`, `_sdc_rejected`, `_sdc_columns`, `_sdc_loads`, `_sdc_refusals` and `_sdc_deletions`
     /// where they do not exist yet, records the tables' base columns in `_sdc_columns`, and
     /// says what it created. Nothing that exists is created again, or needs a privilege to
     /// create.
@@ -105,6 +106,7 @@ impl Warehouse {
                 (COLUMNS_TABLE, create_columns_sql(&self.schema)),
                 (LOADS_TABLE, LOADS.create_sql(&self.schema)),
                 (REFUSALS_TABLE, REFUSALS.create_sql(&self.schema)),
+                (DELETIONS_TABLE, DELETIONS.create_sql(&self.schema)),
             ]);
         for (name, sql) in statements {
             if existing.relations.contains(name) {

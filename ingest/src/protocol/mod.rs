@@ -14,7 +14,8 @@
 //!
 //! Answers: 200 only after the events are committed; 400 with `{"error": ...}` for bad input;
 //! 401 for wrong credentials; 408 for a body not sent within the body read timeout; 413 for a
-//! body over the limit; 501 for a user deletion request; 503 with `Retry-After` when the
+//! body over the limit; 501 for a user deletion request unless deletions are honoured
+//! (`--honour-deletes`); 503 with `Retry-After` when the
 //! database is unavailable, does not commit within the commit timeout, or the queue is full.
 
 mod auth;
@@ -43,7 +44,7 @@ pub use tracking::{
 
 use crate::event::{Call, InvalidEvent, Table, id_text, json_kind, validate};
 use crate::json;
-use crate::load::{LoadError, Loader, Outcome, RETRY_AFTER, Warehouse};
+use crate::load::{Deletion, DeletionRequest, LoadError, Loader, Outcome, RETRY_AFTER, Warehouse};
 use crate::metrics::Metrics;
 use crate::normalize::{Record, normalize_selected};
 use crate::refused::{Reason, Refusal, RefusalLog};
@@ -83,6 +84,9 @@ pub struct AppState {
     pub readiness: Readiness,
     /// The last refused requests, for `GET /v1/refused` and the status page.
     pub refusals: Arc<RefusalLog>,
+    /// Whether `delete` events on `/v1/webhook` delete the user's rows (`--honour-deletes`);
+    /// when not, they are refused with 501.
+    pub honour_deletes: bool,
     /// The configuration in force as the status page shows it, secrets masked
     /// ([`crate::Config::shown`]).
     pub settings: Arc<Vec<(&'static str, String)>>,
@@ -279,8 +283,9 @@ impl IntoResponse for RequestError {
                 StatusCode::NOT_IMPLEMENTED,
                 refusal(
                     Reason::DeleteUnsupported,
-                    "user deletion requests (type \"delete\") are not supported by Sluice; \
-                     delete the user's rows with SQL"
+                    "user deletion requests (type \"delete\") are not supported by Sluice \
+                     unless it runs with --honour-deletes (on /v1/webhook); delete the user's \
+                     rows with SQL or `sluice-ingest erase --user-id ID`"
                         .to_owned(),
                 ),
             ),
@@ -331,12 +336,14 @@ fn parse_events(body: &Bytes) -> Result<Vec<(Value, Bytes)>, RequestError> {
     }
 }
 
-/// Records ready to submit, each with the bytes it came from, and the tables of skipped events.
-type Prepared = (Vec<(Record, Bytes)>, Vec<Table>);
+/// Records ready to submit, each with the bytes it came from, the tables of skipped events, and
+/// the user deletion requests (only when deletions are honoured).
+type Prepared = (Vec<(Record, Bytes)>, Vec<Table>, Vec<DeletionRequest>);
 
 /// Validates and normalizes events under the column selection (counting excluded values); returns
-/// the records of selected tables and how many valid events were skipped because their table is
-/// not selected. One bad event refuses the request.
+/// the records of selected tables, how many valid events were skipped because their table is
+/// not selected, and the deletion requests. One bad event refuses the request; so does a
+/// `delete` event when deletions are not honoured.
 fn prepare(
     events: Vec<(Value, Bytes)>,
     state: &AppState,
@@ -345,6 +352,7 @@ fn prepare(
     let tables = &state.tables;
     let mut records = Vec::with_capacity(events.len());
     let mut skipped = Vec::new();
+    let mut deletions = Vec::new();
     for (index, (value, raw)) in events.into_iter().enumerate() {
         let envelope = validate(&value).map_err(|problem| RequestError::Invalid {
             index: batch.then_some(index),
@@ -354,10 +362,25 @@ fn prepare(
                 .map(|id| id.into_owned()),
             problem,
         })?;
-        let table = match envelope.call {
-            Call::Delete => return Err(RequestError::Delete),
-            Call::Load(table) => table,
-        };
+        let table =
+            match envelope.call {
+                Call::Delete if !state.honour_deletes => return Err(RequestError::Delete),
+                Call::Delete => {
+                    let user_id = value.get("userId").and_then(id_text).ok_or_else(|| {
+                        RequestError::Invalid {
+                            index: batch.then_some(index),
+                            message_id: Some(envelope.message_id.clone()),
+                            problem: InvalidEvent::MissingField("userId", "delete"),
+                        }
+                    })?;
+                    deletions.push(DeletionRequest {
+                        message_id: envelope.message_id,
+                        user_id: user_id.into_owned(),
+                    });
+                    continue;
+                }
+                Call::Load(table) => table,
+            };
         if !tables.contains(&table) {
             skipped.push(table);
             continue;
@@ -371,7 +394,7 @@ fn prepare(
             records.push((record, raw));
         }
     }
-    Ok((records, skipped))
+    Ok((records, skipped, deletions))
 }
 
 async fn webhook(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
@@ -385,21 +408,52 @@ async fn webhook(State(state): State<Arc<AppState>>, headers: HeaderMap, body: B
     }
     let batch = body.trim_ascii_start().starts_with(b"[");
     let prepared = parse_events(&body).and_then(|events| prepare(events, &state, batch));
-    let (records, skipped) = match prepared {
+    let (records, skipped, deletions) = match prepared {
         Ok(prepared) => prepared,
         Err(refusal) => return refusal.into_response(),
     };
-    match commit(&state, records, skipped, received_at).await {
-        Ok(committed) => {
-            let body = json!({
-                "ok": true,
-                "loaded": committed.outcome.loaded,
-                "rejected": committed.outcome.rejected,
-                "skipped": committed.skipped,
-            });
-            (StatusCode::OK, axum::Json(body)).into_response()
+    let committed = match commit(&state, records, skipped, received_at).await {
+        Ok(committed) => committed,
+        Err(e) => return unavailable(e),
+    };
+    // Deletions run after the request's other events have committed, each in a transaction
+    // of its own, so a delete in a batch with events of the same user always finds them.
+    let mut deleted = Vec::with_capacity(deletions.len());
+    for request in &deletions {
+        match delete_user(&state, request).await {
+            Ok(deletion) => deleted.push(deletion),
+            Err(e) => return unavailable(e),
         }
-        Err(e) => unavailable(e),
+    }
+    let mut body = json!({
+        "ok": true,
+        "loaded": committed.outcome.loaded,
+        "rejected": committed.outcome.rejected,
+        "skipped": committed.skipped,
+    });
+    if !deleted.is_empty() {
+        body["deleted"] = json!(deleted);
+    }
+    (StatusCode::OK, axum::Json(body)).into_response()
+}
+
+/// Carries out one user deletion request within the commit timeout.
+async fn delete_user(state: &AppState, request: &DeletionRequest) -> Result<Deletion, LoadError> {
+    match tokio::time::timeout(state.commit_timeout, state.warehouse.delete_user(request)).await {
+        Ok(deletion) => {
+            let deletion = deletion?;
+            tracing::info!(
+                message_id = %deletion.message_id,
+                rows = deletion.deleted.values().sum::<i64>(),
+                already_done = deletion.already_done,
+                "user deletion request carried out"
+            );
+            Ok(deletion)
+        }
+        Err(_) => Err(LoadError::Unavailable(format!(
+            "the deletion was not committed within {} ms",
+            state.commit_timeout.as_millis()
+        ))),
     }
 }
 

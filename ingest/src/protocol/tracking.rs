@@ -26,7 +26,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{Map, Value, json};
 use sha1::{Digest, Sha1};
 
-use super::{AppState, commit, error, prepare, read_body, refuse, unavailable};
+use super::{AppState, RequestError, commit, error, prepare, read_body, refuse, unavailable};
 use crate::event::Table;
 use crate::json;
 use crate::normalize::{format_timestamp, parse_timestamp};
@@ -204,7 +204,11 @@ pub(super) async fn tracking(
         })
         .collect();
     let (records, skipped) = match prepare(enriched, &state, route == Route::Batch) {
-        Ok(prepared) => prepared,
+        // The Tracking API has no deletion call: deletion requests come by /v1/webhook.
+        Ok((_, _, deletions)) if !deletions.is_empty() => {
+            return RequestError::Delete.into_response();
+        }
+        Ok((records, skipped, _)) => (records, skipped),
         Err(refusal) => return refusal.into_response(),
     };
     match commit(&state, records, skipped, received_at).await {
