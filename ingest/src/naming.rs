@@ -192,11 +192,13 @@ pub fn assign(path: &KeyPath, claim: impl Fn(&str) -> Claim) -> String {
     if candidate.clean && claim(&candidate.name) != Claim::Taken {
         return candidate.name;
     }
-    // A key named like Sluice's own columns loses the leading `_` of `_sdc_`, so that every
-    // `_sdc_*` column is Sluice's.
-    let base = match candidate.name.strip_prefix(SYSTEM_PREFIX) {
-        Some(rest) => format!("sdc_{rest}"),
-        None => candidate.name,
+    // A key named like Sluice's own columns loses its leading `_`, so that every `_sdc_*` column
+    // is Sluice's: also a name that is only `_sdc` before the hash's `_` (a key `\u{17}sdc`
+    // becomes `_sdc`, and `_sdc` + `_<hash>` would look like a system column).
+    let system_stem = SYSTEM_PREFIX.trim_end_matches('_');
+    let base = match candidate.name.strip_prefix('_') {
+        Some(rest) if candidate.name.starts_with(system_stem) => rest.to_owned(),
+        _ => candidate.name,
     };
     (0u32..)
         .map(|attempt| hashed_name(&base, path, attempt))
@@ -282,6 +284,8 @@ mod tests {
             &["ctid"],
             &["rowid"],
             &["_sdc_sequence"],
+            &["\u{17}sdc"],
+            &["_sdc"; 20],
             &["properties", "amount__st"],
         ] {
             let p = path(keys);
