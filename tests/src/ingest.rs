@@ -415,6 +415,19 @@ fn normalise(ty: Option<ColumnType>, value: Value) -> Value {
     }
 }
 
+/// POSTs `body` as JSON to `url`; answers the status and the JSON answer (`null` when the
+/// answer is not JSON).
+pub async fn post_json(url: &str, body: &Value) -> (u16, Value) {
+    let response = reqwest::Client::new()
+        .post(url)
+        .json(body)
+        .send()
+        .await
+        .expect("request sent");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
 /// The ingest configuration for `database_url` with extra flags, as the binary would parse it.
 pub fn config(database_url: &str, flags: &[&str]) -> Config {
     let mut args = vec!["sluice-ingest", "--database-url", database_url];

@@ -387,6 +387,18 @@ where
         .unwrap_or_else(|timeout| panic!("{timeout}"))
 }
 
+/// Waits [`EVENTUAL`] for the object `name` to be gone from `api` (deleted, finalizers done),
+/// panicking when the time is up.
+pub async fn eventually_gone<K>(api: &Api<K>, name: &str)
+where
+    K: Clone + k8s_openapi::serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    eventually(&format!("{name} to be gone"), || async {
+        api.get_opt(name).await.ok()?.is_none().then_some(())
+    })
+    .await
+}
+
 /// The API error status of a request that must fail, with the request's outcome in the panic
 /// message when it did not.
 pub fn api_status<T: std::fmt::Debug>(result: Result<T, kube::Error>) -> kube::core::Status {

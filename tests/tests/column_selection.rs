@@ -9,23 +9,12 @@ use serde_json::{Value, json};
 use sha2::Sha256;
 use sluice_ingest::event::Table;
 use sluice_ingest::schema::base_columns;
-use sluice_tests::ingest::{Destination, serve};
+use sluice_tests::ingest::{Destination, post_json, serve};
 
 const SCHEMA: &str = "segment";
 const KEY: &str = "a pseudonymization key of some length";
 const IP: &str = "203.0.113.9";
 const CARD: &str = "4111111111111111";
-
-async fn post(url: &str, body: &Value) -> (u16, Value) {
-    let response = reqwest::Client::new()
-        .post(url)
-        .json(body)
-        .send()
-        .await
-        .expect("request sent");
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
-}
 
 fn hmac_hex(text: &str) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(KEY.as_bytes()).expect("any key length");
@@ -97,7 +86,7 @@ async fn selected_columns_load_as_the_selection_says(backend: sluice_tests::inge
     page["name"] = json!("Home");
     page["properties"] = json!({"path": "/", "title": "Welcome"});
     for event in [&track, &identify, &page] {
-        let (status, body) = post(&url, event).await;
+        let (status, body) = post_json(&url, event).await;
         assert_eq!((status, body["loaded"].clone()), (200, json!(1)), "{body}");
     }
 
@@ -182,7 +171,7 @@ async fn a_column_budget_sends_later_keys_to_overflow(backend: sluice_tests::ing
     track["event"] = json!("Signed Up");
     track["context"] = json!({});
     track["properties"] = json!({"a": 1, "b": 2, "c": 3, "d": 4});
-    let (status, body) = post(&server.url("/v1/webhook"), &track).await;
+    let (status, body) = post_json(&server.url("/v1/webhook"), &track).await;
     assert_eq!(status, 200, "{body}");
     let columns = dest.columns(SCHEMA, Table::Track).await;
     assert_eq!(columns.len(), budget, "{columns:?}");

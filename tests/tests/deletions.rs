@@ -5,20 +5,9 @@
 
 use serde_json::{Value, json};
 use sluice_ingest::event::Table;
-use sluice_tests::ingest::{Backend, Destination, Row, ingest_binary, serve};
+use sluice_tests::ingest::{Backend, Destination, Row, ingest_binary, post_json, serve};
 
 const SCHEMA: &str = "segment";
-
-async fn post(url: &str, body: &Value) -> (u16, Value) {
-    let response = reqwest::Client::new()
-        .post(url)
-        .json(body)
-        .send()
-        .await
-        .expect("request sent");
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
-}
 
 fn event(kind: &str, message_id: &str, user_id: &str) -> Value {
     let mut event = json!({
@@ -109,10 +98,10 @@ fn per_table(
 async fn a_delete_removes_every_row_of_its_user_once(backend: Backend) {
     let (dest, server) = serve(backend, "deletes", &["--honour-deletes"]).await;
     let url = server.url("/v1/webhook");
-    let (status, answer) = post(&url, &two_users()).await;
+    let (status, answer) = post_json(&url, &two_users()).await;
     assert_eq!((status, &answer["loaded"]), (200, &json!(8)), "{answer}");
 
-    let (status, answer) = post(&url, &delete("del-1", "u1")).await;
+    let (status, answer) = post_json(&url, &delete("del-1", "u1")).await;
     assert_eq!(status, 200, "{answer}");
     let counts = json!({"group": 0, "identify": 1, "page": 1, "screen": 0, "track": 2});
     assert_eq!(
@@ -144,7 +133,7 @@ async fn a_delete_removes_every_row_of_its_user_once(backend: Backend) {
 
     // A redelivery is acknowledged, recorded once, and changes nothing.
     let before = snapshot(&dest).await;
-    let (status, answer) = post(&url, &delete("del-1", "u1")).await;
+    let (status, answer) = post_json(&url, &delete("del-1", "u1")).await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["deleted"][0]["alreadyDone"], json!(true));
     assert_eq!(answer["deleted"][0]["deleted"], counts);
@@ -153,10 +142,10 @@ async fn a_delete_removes_every_row_of_its_user_once(backend: Backend) {
 
     // Deletion, not suppression: a later event of u1 loads as usual, and a redelivered
     // deletion request does not touch it.
-    let (status, _) = post(&url, &event("track", "t4", "u1")).await;
+    let (status, _) = post_json(&url, &event("track", "t4", "u1")).await;
     assert_eq!(status, 200);
     assert_eq!(ids_of(&dest, Table::Track, "u1").await, ["t4"]);
-    let (status, _) = post(&url, &delete("del-1", "u1")).await;
+    let (status, _) = post_json(&url, &delete("del-1", "u1")).await;
     assert_eq!(status, 200);
     assert_eq!(ids_of(&dest, Table::Track, "u1").await, ["t4"]);
     server.stop().await;
@@ -171,7 +160,7 @@ async fn a_delete_in_a_batch_runs_after_the_batch_events(backend: Backend) {
         event("track", "t5", "u3"),
         event("track", "t6", "u4"),
     ]);
-    let (status, answer) = post(&url, &batch).await;
+    let (status, answer) = post_json(&url, &batch).await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["loaded"], json!(1 + 1));
     assert_eq!(answer["deleted"][0]["deleted"]["track"], json!(1));
@@ -181,7 +170,7 @@ async fn a_delete_in_a_batch_runs_after_the_batch_events(backend: Backend) {
     // A delete without userId is refused, and nothing of the batch is loaded.
     let before = snapshot(&dest).await;
     let batch = json!([event("track", "t7", "u4"), {"type": "delete", "messageId": "del-4"}]);
-    let (status, answer) = post(&url, &batch).await;
+    let (status, answer) = post_json(&url, &batch).await;
     assert_eq!(status, 400, "{answer}");
     let error = answer["error"].as_str().expect("an error message");
     assert!(
@@ -196,13 +185,13 @@ async fn a_delete_in_a_batch_runs_after_the_batch_events(backend: Backend) {
 async fn concurrent_deliveries_of_a_delete_carry_it_out_once(backend: Backend) {
     let (dest, server) = serve(backend, "deletes_concurrent", &["--honour-deletes"]).await;
     let url = server.url("/v1/webhook");
-    assert_eq!(post(&url, &two_users()).await.0, 200);
+    assert_eq!(post_json(&url, &two_users()).await.0, 200);
 
     // Deliveries of one new request at the same time: carried out by one, recorded once.
     let sends: Vec<_> = (0..4)
         .map(|_| {
             let url = url.clone();
-            tokio::spawn(async move { post(&url, &delete("del-6", "u1")).await })
+            tokio::spawn(async move { post_json(&url, &delete("del-6", "u1")).await })
         })
         .collect();
     let mut first_times = 0;
@@ -246,9 +235,9 @@ async fn concurrent_deliveries_of_a_delete_carry_it_out_once(backend: Backend) {
 async fn without_the_flag_a_delete_is_refused_with_501(backend: Backend) {
     let (dest, server) = serve(backend, "deletes_off", &[]).await;
     let url = server.url("/v1/webhook");
-    assert_eq!(post(&url, &two_users()).await.0, 200);
+    assert_eq!(post_json(&url, &two_users()).await.0, 200);
     let before = snapshot(&dest).await;
-    let (status, answer) = post(&url, &delete("del-5", "u1")).await;
+    let (status, answer) = post_json(&url, &delete("del-5", "u1")).await;
     assert_eq!(status, 501, "{answer}");
     assert!(
         answer["error"]
@@ -262,7 +251,10 @@ async fn without_the_flag_a_delete_is_refused_with_501(backend: Backend) {
 
 async fn erase_deletes_a_users_rows_from_the_command_line(backend: Backend) {
     let (dest, server) = serve(backend, "erase", &[]).await;
-    assert_eq!(post(&server.url("/v1/webhook"), &two_users()).await.0, 200);
+    assert_eq!(
+        post_json(&server.url("/v1/webhook"), &two_users()).await.0,
+        200
+    );
     server.stop().await;
 
     let output = tokio::process::Command::new(ingest_binary())

@@ -30,8 +30,8 @@ use sluice_operator::metrics::{self, Metrics};
 use sluice_operator::{SegmentIntegration, controller};
 use sluice_tests::ingest::Process;
 use sluice_tests::kube::{
-    TestNamespace, admin_client, api_status, eventually, put_url_secret, restricted_client,
-    restricted_user,
+    TestNamespace, admin_client, api_status, eventually, eventually_gone, put_url_secret,
+    restricted_client, restricted_user,
 };
 use sluice_tests::postgres::fresh_database;
 use tokio::sync::oneshot;
@@ -491,24 +491,8 @@ async fn children_follow_the_spec_and_come_back_when_deleted() {
     h.patch_spec("web", json!({"exposure": {"ingress": null}}))
         .await
         .expect("remove the ingress");
-    eventually("the Ingress to be deleted", || async {
-        ingresses
-            .get_opt("web-ingest")
-            .await
-            .ok()?
-            .is_none()
-            .then_some(())
-    })
-    .await;
-    eventually("the stray Service to be deleted", || async {
-        services
-            .get_opt("web-stray")
-            .await
-            .ok()?
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    eventually_gone(&ingresses, "web-ingest").await;
+    eventually_gone(&services, "web-stray").await;
     assert!(
         services
             .get_opt("web-foreign")
@@ -1247,15 +1231,7 @@ async fn operator_needs_no_more_than_its_rbac_rules() {
         .await
         .expect("remove the ingress");
     let ingresses = h.api::<Ingress>();
-    eventually("the Ingress to be deleted", || async {
-        ingresses
-            .get_opt("limited-ingest")
-            .await
-            .ok()?
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    eventually_gone(&ingresses, "limited-ingest").await;
     let api = h.integrations();
     api.delete("limited", &DeleteParams::default())
         .await

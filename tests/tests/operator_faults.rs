@@ -18,7 +18,9 @@ use serde_json::{Value, json};
 use sluice_operator::SegmentIntegration;
 use sluice_operator::crd::ConditionStatus;
 use sluice_operator::metrics::Metrics;
-use sluice_tests::kube::{ControlPlane, Server, admin_client, eventually, put_url_secret};
+use sluice_tests::kube::{
+    ControlPlane, Server, admin_client, eventually, eventually_gone, put_url_secret,
+};
 use sluice_tests::postgres::fresh_database;
 use sluice_tests::toxiproxy::Toxiproxy;
 use sqlx::{Connection, PgConnection};
@@ -293,15 +295,7 @@ async fn drop_waits_for_an_unreachable_warehouse_and_completes_when_it_is_back()
     );
 
     proxy.remove("down").await;
-    eventually("doomed to be gone", || async {
-        integrations
-            .get_opt("doomed")
-            .await
-            .ok()?
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    eventually_gone(&integrations, "doomed").await;
     assert!(
         !schema_exists(&url, "doomed").await,
         "the schema is dropped"
