@@ -25,6 +25,7 @@
 //! loaded are never rewritten.
 
 use std::collections::BTreeMap;
+use std::sync::LazyLock;
 
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
@@ -280,11 +281,9 @@ impl Selection {
     }
 
     /// The rules of `table`.
-    pub fn table(&self, table: Table) -> TableSelection {
-        self.tables
-            .get(&table)
-            .cloned()
-            .unwrap_or_else(TableSelection::everything)
+    pub fn table(&self, table: Table) -> &TableSelection {
+        static EVERYTHING: LazyLock<TableSelection> = LazyLock::new(TableSelection::everything);
+        self.tables.get(&table).unwrap_or(&EVERYTHING)
     }
 
     /// Each table's column budget.

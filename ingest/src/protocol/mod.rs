@@ -387,7 +387,7 @@ fn prepare(
         }
         if let Value::Object(object) = value {
             let selection = state.selection.table(table);
-            let (record, excluded) = normalize_selected(table, &envelope, object, &selection);
+            let (record, excluded) = normalize_selected(table, &envelope, object, selection);
             if excluded > 0 {
                 state.metrics.excluded(table, excluded);
             }
