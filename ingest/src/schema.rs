@@ -545,6 +545,30 @@ pub fn refusals_since_sql(dialect: Dialect, schema: &str) -> String {
     )
 }
 
+/// Per event table in [`LOADS`], as `(table name, rows loaded since $1, rows rejected since $1,
+/// latest last received time)`, by table name: the figures of the operator's loading report.
+/// "Since `$1`" (a time) counts the minutes that start at or after it; the latest received time
+/// is over every minute, NULL when no row was ever loaded.
+pub fn loads_report_sql(dialect: Dialect, schema: &str) -> String {
+    let since = |c: &str| {
+        format!(
+            "CAST(COALESCE(sum(CASE WHEN {minute} >= {p} THEN {c} END), 0) AS bigint)",
+            minute = quote_ident("minute"),
+            p = dialect.placeholder(1),
+            c = quote_ident(c),
+        )
+    };
+    format!(
+        "SELECT {name}, {loaded}, {rejected}, max({last}) FROM {table} GROUP BY {name} \
+         ORDER BY {name}",
+        name = quote_ident("table_name"),
+        loaded = since("rows_loaded"),
+        rejected = since("rows_rejected"),
+        last = quote_ident("last_received_at"),
+        table = qualified(schema, LOADS_TABLE),
+    )
+}
+
 /// The record of user deletion requests carried out.
 pub const DELETIONS_TABLE: &str = "_sdc_deletions";
 
@@ -955,6 +979,25 @@ mod tests {
             "SELECT \"table_name\", \"user_id\", \"rows_deleted\" FROM \"s\".\"_sdc_deletions\" \
              WHERE \"message_id\" = ?1 ORDER BY \"table_name\""
         );
+    }
+
+    #[test]
+    fn loads_report_sums_the_period_and_takes_the_latest_received_time_ever() {
+        let period = |p: &str, c: &str| {
+            format!(
+                "CAST(COALESCE(sum(CASE WHEN \"minute\" >= {p} THEN \"{c}\" END), 0) AS bigint)"
+            )
+        };
+        assert_eq!(
+            loads_report_sql(Dialect::Postgres, "s\"x"),
+            format!(
+                "SELECT \"table_name\", {}, {}, max(\"last_received_at\") \
+                 FROM \"s\"\"x\".\"_sdc_loads\" GROUP BY \"table_name\" ORDER BY \"table_name\"",
+                period("$1", "rows_loaded"),
+                period("$1", "rows_rejected")
+            )
+        );
+        assert!(loads_report_sql(Dialect::Sqlite, "s").contains("\"minute\" >= ?1"));
     }
 
     #[test]

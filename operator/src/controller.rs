@@ -42,7 +42,8 @@ use sluice_ingest::load::{Claim, Dropped};
 pub const FIELD_MANAGER: &str = "sluice-operator";
 /// The finalizer that runs the deletion policy.
 pub const FINALIZER: &str = "sluice.dev/deletion-policy";
-/// How often a healthy integration is reconciled anyway, to refresh the table report.
+/// How often a healthy integration is reconciled anyway, to refresh the table report (sooner
+/// when figures were held back by `Config::report_interval`).
 pub const REFRESH: Duration = Duration::from_secs(300);
 /// First retry delay after a failed reconcile; doubles per consecutive failure.
 pub const BACKOFF_FIRST: Duration = Duration::from_secs(1);
@@ -72,6 +73,10 @@ pub struct Config {
     /// this also bounds the connections the operator opens.
     #[arg(long, env = "SLUICE_OPERATOR_CONCURRENCY", default_value_t = 16)]
     pub concurrency: u16,
+    /// The shortest time between two writes of an integration's loading figures (rows and
+    /// rejections of the last hour, last load, refused requests) to its status, e.g. 1m.
+    #[arg(long, env = "SLUICE_OPERATOR_REPORT_INTERVAL", default_value = "1m", value_parser = humantime::parse_duration)]
+    pub report_interval: Duration,
 }
 
 /// Why a reconcile failed. Each is retried with backoff.
@@ -452,20 +457,36 @@ async fn apply(si: &SegmentIntegration, ctx: &Context) -> Result<Action, Error> 
     let deployment = apply_children(si, ctx, namespace, desired).await?;
     // The warehouse is not behind the Kubernetes client's fence: check leadership first.
     ctx.ensure_leading()?;
-    let schema_ready = ensure_destination(si, refs, &inputs.schema).await;
+    let (schema_ready, reports) = ensure_destination(si, refs, &inputs.schema).await;
+    // Figures read too soon after the last ones are not written (`status::report_due`); when
+    // they differ, the reconcile comes back once they may be.
+    let interval = ctx.config.report_interval;
+    let due = status::report_due(si.status.as_ref(), chrono::Utc::now(), interval);
+    let held_back = reports.as_ref().is_some_and(|r| {
+        !due && si
+            .status
+            .as_ref()
+            .is_some_and(|s| s.tables != r.tables || s.refused_last_hour != r.refused_last_hour)
+    });
+    let reports = reports.filter(|_| due);
     let observed = Observed {
         generation: si.metadata.generation,
         schema: inputs.schema,
         webhook_url: build::webhook_url(si)?,
         credentials_secret: build::credentials_name(si)?,
         ingest_available: status::ingest_availability(&build::ingest_name(si)?, &deployment),
-        schema_ready: schema_ready.0,
-        tables: schema_ready.1.as_ref().map(|r| r.tables.clone()),
-        refused_last_hour: schema_ready.1.map(|r| r.refused_last_hour),
+        schema_ready,
+        tables: reports.as_ref().map(|r| r.tables.clone()),
+        refused_last_hour: reports.as_ref().map(|r| r.refused_last_hour.clone()),
+        report_time: reports.map(|r| r.time),
     };
     update_status(si, ctx, namespace, &observed).await?;
     if observed.schema_ready.ok {
-        Ok(Action::requeue(REFRESH))
+        Ok(Action::requeue(if held_back {
+            interval.min(REFRESH)
+        } else {
+            REFRESH
+        }))
     } else {
         Err(Error::Destination {
             reason: observed.schema_ready.reason,

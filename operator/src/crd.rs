@@ -38,6 +38,7 @@ pub const DISPLAY_NAME_IMMUTABLE_MESSAGE: &str = "spec.displayName is immutable 
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Schema","type":"string","jsonPath":".status.schema"}"#,
     printcolumn = r#"{"name":"URL","type":"string","jsonPath":".status.webhookUrl"}"#,
+    printcolumn = r#"{"name":"Last load","type":"date","jsonPath":".status.lastLoadTime"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -334,12 +335,22 @@ pub struct SegmentIntegrationStatus {
     /// The Secret holding `sharedSecret` and `apiKey` for Segment's settings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret: Option<String>,
-    /// The loading report: each table of the schema and its column count.
+    /// The loading report: each table of the schema, its columns and what was loaded into it,
+    /// as of `reportTime`.
     #[serde(default)]
     pub tables: Vec<TableReport>,
-    /// Requests the ingest refused in the last hour, by reason (`malformed_json`,
-    /// `invalid_event`, `unauthorized`, `too_large`, ...), all replicas together, as of the
-    /// last reconcile; a reason with none is left out.
+    /// The latest `lastLoadTime` of `tables` (RFC 3339, UTC); absent while nothing was loaded.
+    /// `kubectl get segmentintegrations` shows its age as `Last load`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_load_time: Option<String>,
+    /// When `tables`, `lastLoadTime` and `refusedLastHour` were read from the warehouse
+    /// (RFC 3339, UTC): at a reconcile (every 5 minutes at least), at most once per the
+    /// operator's `--report-interval`; kept as they were while the warehouse does not answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report_time: Option<String>,
+    /// Requests the ingest refused in the hour before `reportTime`, by reason
+    /// (`malformed_json`, `invalid_event`, `unauthorized`, `too_large`, ...), all replicas
+    /// together; a reason with none is left out.
     #[serde(default)]
     pub refused_last_hour: Vec<RefusalReport>,
 }
@@ -383,6 +394,21 @@ pub struct TableReport {
     pub name: String,
     /// How many columns it has.
     pub columns: i64,
+    /// Rows loaded into it in the hour before the status's `reportTime`, all replicas together:
+    /// the sum of `rows_loaded` in `_sdc_loads` over the minutes that start at or after
+    /// `reportTime` minus one hour (upserts, so a redelivered event counts again).
+    #[serde(default)]
+    pub rows_last_hour: i64,
+    /// Records of this table the database refused in the same hour, set aside in
+    /// `_sdc_rejected`: the sum of `rows_rejected` in `_sdc_loads` over the same minutes. The
+    /// records themselves, of every hour, are in `_sdc_rejected`.
+    #[serde(default)]
+    pub rejected_last_hour: i64,
+    /// The latest `_sdc_received_at` of any row ever loaded into it (`max(last_received_at)` in
+    /// `_sdc_loads`; RFC 3339, UTC, whole seconds): when the most recent event loaded into it
+    /// reached Sluice. Absent while nothing was loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_load_time: Option<String>,
 }
 
 /// Refused requests of one reason.

@@ -7,10 +7,12 @@
 
 use std::time::Duration;
 
+use chrono::SubsecRound;
+
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
 use sluice_ingest::event::Table;
-use sluice_ingest::load::{Claim, Dropped, LoadError, Owner, Warehouse};
+use sluice_ingest::load::{Claim, Dropped, LoadError, LoadFigures, Owner, Warehouse};
 
 use crate::crd::{RefusalReport, SecretKeyRef, TableReport};
 use crate::status::{Observation, Reason};
@@ -142,18 +144,45 @@ fn timed_out() -> Observation {
     )
 }
 
-/// What the destination reports besides the schema's claim.
+/// What the destination reports besides the schema's claim, as of `time`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reports {
-    /// The tables with their column counts.
+    /// When the figures were read (RFC 3339, UTC, whole seconds); "the last hour" ends here.
+    pub time: String,
+    /// The tables with their column counts and loading figures.
     pub tables: Vec<TableReport>,
     /// Requests the ingest refused in the last hour, by reason.
     pub refused_last_hour: Vec<RefusalReport>,
 }
 
+/// A time as the status writes it: RFC 3339 in UTC, whole seconds (`2024-05-01T10:00:00Z`), so
+/// that times of one status compare as text.
+pub fn status_time(time: chrono::DateTime<chrono::Utc>) -> String {
+    time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// The table report: each table of `columns` (with its column count) and its figures in
+/// `loads` (no figures: nothing loaded, nothing rejected, no last load).
+pub fn table_reports(columns: &[(Table, usize)], loads: &[LoadFigures]) -> Vec<TableReport> {
+    columns
+        .iter()
+        .map(|(table, count)| {
+            let figures = loads.iter().find(|l| l.table_name == table.name());
+            TableReport {
+                name: table.name().to_owned(),
+                columns: i64::try_from(*count).unwrap_or(i64::MAX),
+                rows_last_hour: figures.map_or(0, |f| f.rows_loaded),
+                rejected_last_hour: figures.map_or(0, |f| f.rows_rejected),
+                last_load_time: figures.and_then(|f| f.last_received_at).map(status_time),
+            }
+        })
+        .collect()
+}
+
 /// Creates the schema and the selected tables for `owner` where missing, recording what it
-/// created, and reports the claim, the tables with their column counts and the last hour's
-/// refused requests (from `_sdc_refusals`, which every ingest replica adds to). A schema another
+/// created, and reports the claim, the tables with their column counts, the last hour's rows
+/// loaded and rejected and the last load (from `_sdc_loads`), and the last hour's refused
+/// requests (from `_sdc_refusals`); every ingest replica adds to both tables. A schema another
 /// integration claimed is refused (`SchemaClaimed`).
 pub async fn ensure_schema(
     url: &str,
@@ -162,23 +191,19 @@ pub async fn ensure_schema(
     owner: &Owner,
 ) -> Result<(Claim, Reports), Observation> {
     let warehouse = warehouse(url, schema)?;
+    // Whole seconds, so that the hour counted ends at the reported time.
+    let now = chrono::Utc::now().trunc_subsecs(0);
+    let since = now - chrono::Duration::hours(1);
     let work = async {
         let claim = warehouse.ensure_owned_schema(tables, owner).await?;
-        let since = chrono::Utc::now() - chrono::Duration::hours(1);
         let refused = warehouse.refusals_since(since).await?;
-        Ok::<_, LoadError>((claim, warehouse.table_report().await?, refused))
+        let loads = warehouse.loads_since(since).await?;
+        Ok::<_, LoadError>((claim, warehouse.table_report().await?, loads, refused))
     };
-    let (claim, report, refused) = tokio::time::timeout(DATABASE_TIMEOUT, work)
+    let (claim, columns, loads, refused) = tokio::time::timeout(DATABASE_TIMEOUT, work)
         .await
         .map_err(|_elapsed| timed_out())?
         .map_err(|error| load_failure(&error))?;
-    let report = report
-        .into_iter()
-        .map(|(table, columns)| TableReport {
-            name: table.name().to_owned(),
-            columns: i64::try_from(columns).unwrap_or(i64::MAX),
-        })
-        .collect();
     let refused_last_hour = refused
         .into_iter()
         .map(|(reason, count)| RefusalReport { reason, count })
@@ -186,7 +211,8 @@ pub async fn ensure_schema(
     Ok((
         claim,
         Reports {
-            tables: report,
+            time: status_time(now),
+            tables: table_reports(&columns, &loads),
             refused_last_hour,
         },
     ))
@@ -212,6 +238,41 @@ mod tests {
         assert_eq!(refused.reason, Reason::InvalidDatabaseUrl);
         let refused = warehouse("mysql://h/db", "segment").expect_err("mysql refused");
         assert_eq!(refused.reason, Reason::InvalidDatabaseUrl);
+    }
+
+    #[test]
+    fn table_report_joins_columns_and_loading_figures_by_table() {
+        let loaded = LoadFigures {
+            table_name: "track".to_owned(),
+            rows_loaded: 7,
+            rows_rejected: 2,
+            last_received_at: "2024-05-01T10:00:59.999999Z".parse().ok(),
+        };
+        let only_columns = LoadFigures {
+            table_name: "identify".to_owned(),
+            rows_loaded: 0,
+            rows_rejected: 0,
+            last_received_at: None,
+        };
+        let report = table_reports(
+            &[(Table::Identify, 12), (Table::Page, 11), (Table::Track, 20)],
+            &[loaded, only_columns],
+        );
+        let expected = |name: &str, columns, rows, rejected, last: Option<&str>| TableReport {
+            name: name.to_owned(),
+            columns,
+            rows_last_hour: rows,
+            rejected_last_hour: rejected,
+            last_load_time: last.map(str::to_owned),
+        };
+        assert_eq!(
+            report,
+            [
+                expected("identify", 12, 0, 0, None),
+                expected("page", 11, 0, 0, None),
+                expected("track", 20, 7, 2, Some("2024-05-01T10:00:59Z")),
+            ]
+        );
     }
 
     #[tokio::test]

@@ -3,6 +3,9 @@
 //! Pure; `controller` writes the result and publishes the Events.
 
 use std::fmt;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::runtime::events::{Event, EventType};
@@ -209,6 +212,34 @@ pub struct Observed {
     /// The last hour's refused requests by reason, when the destination answered; `None`
     /// keeps the previous figures.
     pub refused_last_hour: Option<Vec<RefusalReport>>,
+    /// When `tables` and `refused_last_hour` were read; `None` keeps the previous time.
+    pub report_time: Option<String>,
+}
+
+/// Whether figures read from the warehouse at `now` are to replace those of `previous`: when it
+/// has none, when its `reportTime` is unreadable, or when that is at least `interval` old.
+/// Figures of the last hour change with every load, and writing the status makes the
+/// controller reconcile again, so without this bound a busy integration would be reconciled
+/// and its status written over and over.
+pub fn report_due(
+    previous: Option<&SegmentIntegrationStatus>,
+    now: DateTime<Utc>,
+    interval: Duration,
+) -> bool {
+    let Some(time) = previous.and_then(|s| s.report_time.as_deref()) else {
+        return true;
+    };
+    let Ok(time) = DateTime::parse_from_rfc3339(time) else {
+        return true;
+    };
+    let age = now.signed_duration_since(time);
+    age.to_std().is_ok_and(|age| age >= interval) || age < chrono::Duration::zero()
+}
+
+/// The latest `lastLoadTime` of `tables`, which are RFC 3339 times in UTC of one format
+/// (`destination::status_time`), so the latest is the greatest text.
+pub fn latest_load(tables: &[TableReport]) -> Option<String> {
+    tables.iter().filter_map(|t| t.last_load_time.clone()).max()
 }
 
 /// The new status from what was observed and the previous status.
@@ -227,17 +258,23 @@ pub fn status(
     .into_iter()
     .map(|(type_, observation)| condition(type_, observation, observed.generation, old, now))
     .collect();
+    let tables = observed
+        .tables
+        .clone()
+        .or_else(|| previous.map(|s| s.tables.clone()))
+        .unwrap_or_default();
     SegmentIntegrationStatus {
         observed_generation: observed.generation,
         conditions,
         schema: Some(observed.schema.clone()),
         webhook_url: Some(observed.webhook_url.clone()),
         credentials_secret: Some(observed.credentials_secret.clone()),
-        tables: observed
-            .tables
+        last_load_time: latest_load(&tables),
+        report_time: observed
+            .report_time
             .clone()
-            .or_else(|| previous.map(|s| s.tables.clone()))
-            .unwrap_or_default(),
+            .or_else(|| previous.and_then(|s| s.report_time.clone())),
+        tables,
         refused_last_hour: observed
             .refused_last_hour
             .clone()
@@ -309,6 +346,7 @@ mod tests {
             },
             tables: None,
             refused_last_hour: None,
+            report_time: None,
         }
     }
 
@@ -358,7 +396,11 @@ mod tests {
         with_tables.tables = Some(vec![TableReport {
             name: "track".to_owned(),
             columns: 12,
+            rows_last_hour: 5,
+            rejected_last_hour: 1,
+            last_load_time: Some("2024-05-01T10:00:00Z".to_owned()),
         }]);
+        with_tables.report_time = Some("2024-05-01T10:01:00Z".to_owned());
         with_tables.refused_last_hour = Some(vec![RefusalReport {
             reason: "unauthorized".to_owned(),
             count: 3,
@@ -367,12 +409,69 @@ mod tests {
         let later = status(&observed(false, true), Some(&first), "t2");
         assert_eq!(later.tables, first.tables);
         assert_eq!(later.refused_last_hour, first.refused_last_hour);
+        assert_eq!(later.report_time, first.report_time);
+        assert_eq!(
+            later.last_load_time.as_deref(),
+            Some("2024-05-01T10:00:00Z")
+        );
         let mut answered = observed(true, true);
         answered.refused_last_hour = Some(Vec::new());
         let fresh = status(&answered, Some(&first), "t3");
         assert!(
             fresh.refused_last_hour.is_empty(),
             "a destination that answers replaces the figures"
+        );
+    }
+
+    fn table(name: &str, last_load_time: Option<&str>) -> TableReport {
+        TableReport {
+            name: name.to_owned(),
+            columns: 10,
+            rows_last_hour: 0,
+            rejected_last_hour: 0,
+            last_load_time: last_load_time.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn last_load_is_the_latest_over_the_tables() {
+        let mut observed = observed(true, true);
+        observed.tables = Some(vec![
+            table("identify", Some("2024-05-01T10:00:00Z")),
+            table("page", None),
+            table("track", Some("2024-05-01T09:59:59Z")),
+        ]);
+        let status = status(&observed, None, "t1");
+        assert_eq!(
+            status.last_load_time.as_deref(),
+            Some("2024-05-01T10:00:00Z")
+        );
+        assert_eq!(latest_load(&[table("page", None)]), None);
+    }
+
+    #[test]
+    fn figures_are_replaced_at_most_once_per_interval() {
+        let minute = Duration::from_secs(60);
+        let at = |time: &str| time.parse::<DateTime<Utc>>().expect("time");
+        let reported = |time: Option<&str>| SegmentIntegrationStatus {
+            report_time: time.map(str::to_owned),
+            ..SegmentIntegrationStatus::default()
+        };
+        let now = at("2024-05-01T10:01:00Z");
+        assert!(report_due(None, now, minute), "no status yet");
+        assert!(
+            report_due(Some(&reported(None)), now, minute),
+            "no figures yet"
+        );
+        assert!(report_due(Some(&reported(Some("garbled"))), now, minute));
+        let recent = reported(Some("2024-05-01T10:00:01Z"));
+        assert!(!report_due(Some(&recent), now, minute));
+        let a_minute_old = reported(Some("2024-05-01T10:00:00Z"));
+        assert!(report_due(Some(&a_minute_old), now, minute));
+        let from_the_future = reported(Some("2024-05-01T11:00:00Z"));
+        assert!(
+            report_due(Some(&from_the_future), now, minute),
+            "a clock that went back does not freeze the figures"
         );
     }
 

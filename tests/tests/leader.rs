@@ -264,6 +264,7 @@ impl Cluster {
                     ingest_image: support::IMAGE.to_owned(),
                     instance: Some(identity.clone()),
                     concurrency: 4,
+                    report_interval: support::REPORT_INTERVAL,
                 };
                 let mut stop = cluster.stop.clone();
                 let stopped = async move {

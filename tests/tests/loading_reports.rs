@@ -123,6 +123,39 @@ async fn loads_and_rejections_are_reported_per_table_and_minute(backend: Backend
             "{table}"
         );
     }
+    // The figures the operator reports agree: the last hour's sums, and the latest received
+    // time ever loaded; a period after every load counts nothing.
+    let warehouse = dest.warehouse(SCHEMA);
+    let hour_ago = chrono::Utc::now() - chrono::Duration::hours(1);
+    let figures = warehouse.loads_since(hour_ago).await.expect("loads_since");
+    let reported: Vec<(String, i64, i64, Option<String>)> = figures
+        .iter()
+        .map(|f| {
+            let last = f.last_received_at.as_ref();
+            let last = last.map(sluice_ingest::normalize::format_timestamp);
+            (f.table_name.clone(), f.rows_loaded, f.rows_rejected, last)
+        })
+        .collect();
+    let expected: Vec<(String, i64, i64, Option<String>)> = totals
+        .iter()
+        .map(|(name, t)| {
+            (
+                name.clone(),
+                t.loaded,
+                t.rejected,
+                t.last_received_at.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(reported, expected);
+    let later = chrono::Utc::now() + chrono::Duration::minutes(1);
+    let none_since = warehouse.loads_since(later).await.expect("loads_since");
+    assert!(
+        none_since
+            .iter()
+            .all(|f| (f.rows_loaded, f.rows_rejected) == (0, 0) && f.last_received_at.is_some()),
+        "{none_since:?}"
+    );
     assert_eq!(dest.rows(SCHEMA, Table::Track).await.len(), 4);
     assert_eq!(dest.rejected(SCHEMA).await.len(), 1);
     assert!(

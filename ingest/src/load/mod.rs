@@ -190,6 +190,20 @@ impl Rejected {
     }
 }
 
+/// One event table's figures in `_sdc_loads` over a period, as [`Warehouse::loads_since`]
+/// reads them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadFigures {
+    /// The event table's name.
+    pub table_name: String,
+    /// Rows upserted in the period (redeliveries included).
+    pub rows_loaded: i64,
+    /// Records set aside in `_sdc_rejected` in the period.
+    pub rows_rejected: i64,
+    /// The latest `_sdc_received_at` of any row ever loaded into the table; `None` when none was.
+    pub last_received_at: Option<DateTime<Utc>>,
+}
+
 /// A row of `_sdc_rejected` without the record itself, as the status page lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RejectedRow {
@@ -498,6 +512,40 @@ impl Warehouse {
             }
         }
         .map_err(|e| self.error(e))
+    }
+
+    /// Each event table's figures in `_sdc_loads`, by table name: the rows loaded and rejected
+    /// in the minutes that start at or after `since` (what every replica committed), and the
+    /// latest `_sdc_received_at` ever loaded. A table with no row in `_sdc_loads` is left out.
+    pub async fn loads_since(&self, since: DateTime<Utc>) -> Result<Vec<LoadFigures>, LoadError> {
+        let sql = schema::loads_report_sql(self.dialect(), &self.schema);
+        type Row = (String, i64, i64, Option<DateTime<Utc>>);
+        let rows: Vec<Row> = match &self.pool {
+            Pool::Postgres(pool) => {
+                sqlx::query_as(AssertSqlSafe(sql))
+                    .bind(since)
+                    .fetch_all(pool)
+                    .await
+            }
+            Pool::Sqlite(pool) => {
+                sqlx::query_as(AssertSqlSafe(sql))
+                    .bind(crate::normalize::format_timestamp(&since))
+                    .fetch_all(pool)
+                    .await
+            }
+        }
+        .map_err(|e| self.error(e))?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(table_name, rows_loaded, rows_rejected, last_received_at)| LoadFigures {
+                    table_name,
+                    rows_loaded,
+                    rows_rejected,
+                    last_received_at,
+                },
+            )
+            .collect())
     }
 
     /// Adds the columns an [`Evolution`] asks for, under the schema's DDL lock: names them

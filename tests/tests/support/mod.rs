@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::{Patch, PatchParams};
@@ -27,6 +28,10 @@ pub async fn namespace(client: &Client, prefix: &str) -> String {
         .to_owned()
 }
 
+/// The operator's `--report-interval` in tests: short, so that a test sees new loading figures
+/// within seconds.
+pub const REPORT_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Runs the operator in-process with `client` on `namespace`, as replica `instance`, counting
 /// into `metrics`; it stops when the returned sender is dropped.
 pub fn run_operator(
@@ -41,6 +46,7 @@ pub fn run_operator(
         ingest_image: IMAGE.to_owned(),
         instance: Some(instance.to_owned()),
         concurrency: 4,
+        report_interval: REPORT_INTERVAL,
     };
     tokio::spawn(controller::run(client, config, metrics, async move {
         let _ = stopped.await;
