@@ -15,6 +15,7 @@ use k8s_openapi::api::core::v1::{Container, Secret, Service};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::networking::v1::Ingress;
 use k8s_openapi::api::rbac::v1::{ClusterRole, RoleBinding, RoleRef, Subject};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{
     ApiResource, DeleteParams, DynamicObject, ObjectMeta, Patch, PatchParams, PostParams,
 };
@@ -24,11 +25,14 @@ use sluice_ingest::load::Warehouse;
 use sluice_ingest::protocol::sign;
 use sluice_operator::crd::{
     ConditionStatus, DISPLAY_NAME_IMMUTABLE_MESSAGE, RefusalReport, SCHEMA_IMMUTABLE_MESSAGE,
+    TableReport,
 };
 use sluice_operator::leader::{self, Settings, Timing};
 use sluice_operator::metrics::{self, Metrics};
 use sluice_operator::{SegmentIntegration, controller};
-use sluice_tests::ingest::Process;
+use sluice_tests::ingest::{
+    Backend, Destination, Process, Server, config as ingest_config, post_json,
+};
 use sluice_tests::kube::{
     TestNamespace, admin_client, api_status, eventually, eventually_gone, put_url_secret,
     restricted_client, restricted_user,
@@ -1083,6 +1087,164 @@ async fn ingest_started_as_the_deployment_says_loads_a_signed_webhook() {
             count: 2
         }]
     );
+}
+
+/// What the tables of `schema` hold, as the status reports each of `tables`: its columns, its
+/// rows and the records of it in `_sdc_rejected` (all loaded in the last hour), and the latest
+/// `_sdc_received_at` in whole seconds.
+async fn table_reports_from_the_tables(
+    url: &str,
+    schema: &str,
+    tables: &[&str],
+) -> Vec<TableReport> {
+    let warehouse = Warehouse::connect(url, schema, 1).expect("warehouse");
+    let pool = warehouse.postgres_pool().expect("postgres");
+    let mut reports = Vec::new();
+    for name in tables {
+        let columns: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM information_schema.columns \
+             WHERE table_schema = $1 AND table_name = $2",
+        )
+        .bind(schema)
+        .bind(name)
+        .fetch_one(pool)
+        .await
+        .expect("count columns");
+        let table = sluice_ingest::schema::qualified(schema, name);
+        let (rows, last): (i64, Option<chrono::DateTime<chrono::Utc>>) =
+            sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT count(*), max(_sdc_received_at) FROM {table}"
+            )))
+            .fetch_one(pool)
+            .await
+            .expect("count rows");
+        let rejected_in = sluice_ingest::schema::qualified(schema, "_sdc_rejected");
+        let rejected: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*) FROM {rejected_in} WHERE table_name = $1"
+        )))
+        .bind(name)
+        .fetch_one(pool)
+        .await
+        .expect("count rejected");
+        reports.push(TableReport {
+            name: (*name).to_owned(),
+            columns,
+            rows_last_hour: rows,
+            rejected_last_hour: rejected,
+            last_load_time: last.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+        });
+    }
+    reports
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reports_per_table_what_was_loaded_and_when() {
+    let (h, url) = Harness::with_warehouse("loads", "operator_loads").await;
+    let schema = "shop_loads";
+    let tables = ["identify", "page", "track"];
+    let mut spec = spec_for("warehouse");
+    spec["schema"] = json!(schema);
+    spec["tables"] = json!(tables);
+    h.create("shop", spec).await;
+    let si = h
+        .wait_condition("shop", "SchemaReady", ConditionStatus::True)
+        .await;
+
+    // `kubectl get segmentintegrations` shows the age of the last load.
+    let crd = Api::<CustomResourceDefinition>::all(h.client.clone())
+        .get("segmentintegrations.sluice.dev")
+        .await
+        .expect("the CRD");
+    let printed = crd.spec.versions[0]
+        .additional_printer_columns
+        .clone()
+        .unwrap_or_default();
+    let last_load = printed
+        .iter()
+        .find(|c| c.name == "Last load")
+        .unwrap_or_else(|| panic!("a Last load column in {printed:?}"));
+    assert_eq!(
+        (last_load.type_.as_str(), last_load.json_path.as_str()),
+        ("date", ".status.lastLoadTime")
+    );
+
+    // Nothing loaded yet: every table at zero, no last load.
+    let status = si.status.expect("status");
+    assert_eq!(
+        status.tables,
+        table_reports_from_the_tables(&url, schema, &tables).await
+    );
+    assert!(status.tables.iter().all(|t| t.last_load_time.is_none()));
+    assert_eq!(status.last_load_time, None);
+    assert!(status.report_time.is_some());
+
+    // An ingest on the integration's schema loads tracks and an identify; the database refuses
+    // one track, which goes to _sdc_rejected.
+    Destination::existing(Backend::Postgres, &url)
+        .forbid_track_event_forbidden(schema)
+        .await;
+    let ingest = Server::start(ingest_config(
+        &url,
+        &["--schema", schema, "--tables", "identify,page,track"],
+    ))
+    .await;
+    let track = |id: &str, event: &str| {
+        json!({"type": "track", "messageId": id, "userId": "u-1", "event": event,
+               "properties": {"revenue": 19.99}})
+    };
+    let (code, answer) = post_json(
+        &ingest.url("/v1/webhook"),
+        &json!([
+            track("t-1", "Order Completed"),
+            track("t-2", "Product Viewed"),
+            track("t-3", "Forbidden"),
+            {"type": "identify", "messageId": "i-1", "userId": "u-1", "traits": {"plan": "pro"}},
+        ]),
+    )
+    .await;
+    assert_eq!(
+        (code, &answer["loaded"], &answer["rejected"]),
+        (200, &json!(3), &json!(1))
+    );
+    let (code, _) = post_json(&ingest.url("/v1/webhook"), &track("t-4", "Order Completed")).await;
+    assert_eq!(code, 200);
+    ingest.stop().await;
+
+    // The next reconcile (here caused by an annotation) reports what the tables hold.
+    let expected = table_reports_from_the_tables(&url, schema, &tables).await;
+    assert_eq!(
+        expected
+            .iter()
+            .map(|t| (t.name.as_str(), t.rows_last_hour, t.rejected_last_hour))
+            .collect::<Vec<_>>(),
+        [("identify", 1, 0), ("page", 0, 0), ("track", 3, 1)]
+    );
+    h.integrations()
+        .patch(
+            "shop",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"sluice.dev/test-nudge": "1"}}})),
+        )
+        .await
+        .expect("annotate");
+    let api = h.integrations();
+    let status = eventually("the status to report the loads", || async {
+        let status = api.get("shop").await.ok()?.status?;
+        (status.tables == expected).then_some(status)
+    })
+    .await;
+    let latest = expected
+        .iter()
+        .filter_map(|t| t.last_load_time.clone())
+        .max();
+    assert!(latest.is_some());
+    assert_eq!(status.last_load_time, latest);
+    let reported: chrono::DateTime<chrono::Utc> = status
+        .report_time
+        .as_deref()
+        .and_then(|t| t.parse().ok())
+        .expect("an RFC 3339 report time");
+    assert!(Some(reported.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)) >= latest);
 }
 
 /// Leader election timing for tests: short, in client-go's proportions.
