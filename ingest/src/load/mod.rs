@@ -13,6 +13,7 @@ pub mod ownership;
 pub mod plan;
 mod postgres;
 mod privilege;
+pub mod reset;
 mod sqlite;
 
 use std::collections::BTreeMap;
@@ -27,6 +28,7 @@ pub use batcher::{Job, LoadSummary, Loader, LoaderConfig, Outcome, Submitted, Wr
 pub use deletion::{Deletion, DeletionRequest};
 pub use ownership::{Claim, Dropped, OWNERSHIP_TABLE, Owner};
 pub use plan::Item;
+pub use reset::{OldRows, ResetRequest, TableReset};
 
 use crate::event::Table;
 use crate::naming::KeyPath;
