@@ -452,7 +452,7 @@ async fn apply(si: &SegmentIntegration, ctx: &Context) -> Result<Action, Error> 
     let deployment = apply_children(si, ctx, namespace, desired).await?;
     // The warehouse is not behind the Kubernetes client's fence: check leadership first.
     ctx.ensure_leading()?;
-    let schema_ready = ensure_destination(si, refs, &inputs.schema).await;
+    let schema_ready = ensure_destination(si, ctx, refs, &inputs.schema).await;
     let observed = Observed {
         generation: si.metadata.generation,
         schema: inputs.schema,
@@ -461,6 +461,7 @@ async fn apply(si: &SegmentIntegration, ctx: &Context) -> Result<Action, Error> 
         ingest_available: status::ingest_availability(&build::ingest_name(si)?, &deployment),
         schema_ready: schema_ready.0,
         tables: schema_ready.1.as_ref().map(|r| r.tables.clone()),
+        table_versions: schema_ready.1.as_ref().map(|r| r.table_versions.clone()),
         refused_last_hour: schema_ready.1.map(|r| r.refused_last_hour),
     };
     update_status(si, ctx, namespace, &observed).await?;
@@ -562,10 +563,13 @@ async fn apply_children(
     Ok(deployment)
 }
 
-/// The destination part of step 4: the schema and tables exist (created where missing), as
-/// `SchemaReady`, the table report and the last hour's refused requests.
+/// The destination part of step 4: the schema and tables exist (created where missing), the
+/// table resets of `spec.tableReset` are carried out (each once, with a Normal Event
+/// `TableReset`), as `SchemaReady`, the table report, the tables' versions and the last hour's
+/// refused requests.
 async fn ensure_destination(
     si: &SegmentIntegration,
+    ctx: &Context,
     refs: Dereferenced,
     schema: &str,
 ) -> (Observation, Option<destination::Reports>) {
@@ -573,17 +577,37 @@ async fn ensure_destination(
     let ensured = async {
         let owner = build::schema_owner(si)
             .map_err(|error| Observation::failed(Reason::InvalidSchema, error.to_string()))?;
-        destination::ensure_schema(&refs.url?, schema, &tables, &owner).await
+        destination::ensure_schema(
+            &refs.url?,
+            schema,
+            &tables,
+            &owner,
+            &si.reset_requests(),
+            si.spec.table_reset.old_rows,
+        )
+        .await
     }
     .await;
     match ensured {
-        Ok((claim, report)) => (
-            Observation::ok(
-                Reason::SchemaReady,
-                schema_ready_message(schema, &tables, &claim),
-            ),
-            Some(report),
-        ),
+        Ok((claim, report)) => {
+            for reset in &report.resets {
+                ctx.publish(
+                    si,
+                    EventType::Normal,
+                    Reason::TableReset,
+                    "ResetTable",
+                    destination::reset_note(reset),
+                )
+                .await;
+            }
+            (
+                Observation::ok(
+                    Reason::SchemaReady,
+                    schema_ready_message(schema, &tables, &claim),
+                ),
+                Some(report),
+            )
+        }
         Err(failure) => (failure, None),
     }
 }

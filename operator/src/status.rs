@@ -9,6 +9,7 @@ use kube::runtime::events::{Event, EventType};
 
 use crate::crd::{
     Condition, ConditionStatus, RefusalReport, SegmentIntegrationStatus, TableReport,
+    TableVersionReport,
 };
 
 /// The condition that sums up the others.
@@ -58,6 +59,10 @@ pub enum Reason {
     DropBlocked,
     /// The database refused otherwise.
     DatabaseError,
+    /// A table was reset (`spec.tableReset`).
+    TableReset,
+    /// A reset asked for by `spec.tableReset` could not be carried out.
+    TableResetFailed,
     /// The credentials Secret was created.
     CredentialsCreated,
     /// An optional child (Ingress, HorizontalPodAutoscaler) was deleted: the spec no longer asks
@@ -209,6 +214,8 @@ pub struct Observed {
     /// The last hour's refused requests by reason, when the destination answered; `None`
     /// keeps the previous figures.
     pub refused_last_hour: Option<Vec<RefusalReport>>,
+    /// The tables' versions, when the destination answered; `None` keeps the previous ones.
+    pub table_versions: Option<Vec<TableVersionReport>>,
 }
 
 /// The new status from what was observed and the previous status.
@@ -242,6 +249,11 @@ pub fn status(
             .refused_last_hour
             .clone()
             .or_else(|| previous.map(|s| s.refused_last_hour.clone()))
+            .unwrap_or_default(),
+        table_versions: observed
+            .table_versions
+            .clone()
+            .or_else(|| previous.map(|s| s.table_versions.clone()))
             .unwrap_or_default(),
     }
 }
@@ -309,6 +321,7 @@ mod tests {
             },
             tables: None,
             refused_last_hour: None,
+            table_versions: None,
         }
     }
 

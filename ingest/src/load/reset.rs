@@ -99,6 +99,60 @@ impl Warehouse {
             .map_err(|e| self.error(e))
     }
 
+    /// The latest reset of each event table ever reset, in table order, from
+    /// `_sdc_table_versions` (empty when no table was ever reset).
+    pub async fn latest_resets(&self) -> Result<Vec<TableReset>, LoadError> {
+        let mut tx = self.begin().await.map_err(|e| self.error(e))?;
+        let existing = tx.existing(&self.schema).await.map_err(|e| self.error(e))?;
+        if !existing.relations.contains(VERSIONS_TABLE) {
+            return Ok(Vec::new());
+        }
+        let names: Vec<&str> = VERSIONS.columns.iter().map(|(name, _)| *name).collect();
+        let sql = format!(
+            "{} ORDER BY {}, {}",
+            VERSIONS.select_sql(&self.schema, &names),
+            quote_ident("table_name"),
+            quote_ident("version")
+        );
+        type Row<T> = (String, i64, T, i64, Option<String>, i64);
+        let rows: Vec<Row<DateTime<Utc>>> = match &mut tx {
+            Tx::Postgres(tx) => sqlx::query_as(AssertSqlSafe(sql))
+                .fetch_all(&mut **tx)
+                .await
+                .map_err(|e| self.error(e))?,
+            Tx::Sqlite(tx) => {
+                let rows: Vec<Row<String>> = sqlx::query_as(AssertSqlSafe(sql))
+                    .fetch_all(&mut **tx)
+                    .await
+                    .map_err(|e| self.error(e))?;
+                rows.into_iter()
+                    .filter_map(|(t, v, at, p, k, r)| {
+                        let at = DateTime::parse_from_rfc3339(&at).ok()?.with_timezone(&Utc);
+                        Some((t, v, at, p, k, r))
+                    })
+                    .collect()
+            }
+        };
+        let mut latest: BTreeMap<Table, TableReset> = BTreeMap::new();
+        for (table, version, reset_at, previous_version, kept_as, previous_rows) in rows {
+            let Ok(table) = table.parse::<Table>() else {
+                continue;
+            };
+            latest.insert(
+                table,
+                TableReset {
+                    table,
+                    previous_version,
+                    version,
+                    kept_as,
+                    previous_rows,
+                    reset_at,
+                },
+            );
+        }
+        Ok(latest.into_values().collect())
+    }
+
     /// Resets the `requests`' tables in one transaction (see the [module](self)), doing
     /// `old_rows` with the rows of the versions it ends; returns what it did per table, in table
     /// order, leaving out a table already at its requested version. The schema must have been
