@@ -456,6 +456,30 @@ async fn reset_all_resets_every_loaded_table_in_one_step(backend: Backend) {
     );
 }
 
+/// A table created before the version was its column's default gets the default at start-up
+/// (PostgreSQL; SQLite cannot change a default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_of_an_earlier_release_gets_its_version_default_at_start_up() {
+    let (dest, server) = serve(Backend::Postgres, "reset_legacy", &[]).await;
+    server.stop().await;
+    dest.execute(
+        SCHEMA,
+        &format!(
+            "ALTER TABLE {} ALTER COLUMN _sdc_table_version DROP DEFAULT",
+            qualified(SCHEMA, "track")
+        ),
+    )
+    .await;
+    let server =
+        sluice_tests::ingest::Server::start(sluice_tests::ingest::config(&dest.url, &[])).await;
+    load(&server.url("/v1/webhook"), &["t1"]).await;
+    server.stop().await;
+    assert_eq!(
+        versions_of(&dest, "track").await,
+        [("t1".to_owned(), Some(0))]
+    );
+}
+
 sluice_tests::on_both_backends!(
     a_reset_while_events_flow_puts_every_acknowledged_event_once_in_its_version,
     a_reset_with_drop_old_discards_the_rows_and_what_describes_them,
