@@ -181,6 +181,30 @@ pub enum Command {
         #[arg(long)]
         user_id: String,
     },
+    /// Reset event tables: empty each and start it again at its next table version, safely
+    /// while the service keeps loading. The old rows are kept as <table>__v<old version> (e.g.
+    /// track__v0) unless --drop-old; prints what was done (JSON). Uses --database-url and
+    /// --schema; the schema must have been prepared by the service.
+    Reset {
+        /// A table to reset; repeat for several (e.g. --table track --table page).
+        #[arg(
+            long = "table",
+            value_enum,
+            required_unless_present = "all",
+            conflicts_with = "all"
+        )]
+        tables: Vec<Table>,
+        /// Reset every table the service loads (--tables).
+        #[arg(long)]
+        all: bool,
+        /// Drop the old rows instead of keeping them (DROP TABLE; a view on the table stops
+        /// the reset).
+        #[arg(long, conflicts_with = "keep_old")]
+        drop_old: bool,
+        /// Keep the old rows as <table>__v<old version> (the default).
+        #[arg(long)]
+        keep_old: bool,
+    },
 }
 
 fn parse_delay(text: &str) -> Result<Duration, String> {

@@ -69,6 +69,26 @@ pub async fn erase(config: &Config, user_id: &str) -> Result<load::Deletion, Loa
     warehouse.delete_user(&request).await
 }
 
+/// `sluice-ingest reset`: resets `tables` of the configured schema, each to its next table
+/// version, in one transaction ([`load::reset`]), keeping or dropping the old rows as
+/// `old_rows` says. The schema must have been prepared by the service.
+pub async fn reset(
+    config: &Config,
+    tables: &[event::Table],
+    old_rows: load::OldRows,
+) -> Result<Vec<load::TableReset>, LoadError> {
+    let warehouse =
+        Warehouse::connect_with(&config.database_url, &config.schema, 1, config.timeouts())?;
+    let requests: Vec<load::ResetRequest> = tables
+        .iter()
+        .map(|&table| load::ResetRequest {
+            table,
+            version: None,
+        })
+        .collect();
+    warehouse.reset_tables(&requests, old_rows).await
+}
+
 /// Runs the service on `listener` until `shutdown` resolves, then stops accepting requests,
 /// lets the ones in flight finish (their events are committed and answered) and returns.
 pub async fn run(

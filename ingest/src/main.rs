@@ -4,7 +4,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use sluice_ingest::config::Command;
-use sluice_ingest::{Config, erase, run};
+use sluice_ingest::load::OldRows;
+use sluice_ingest::{Config, erase, reset, run};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
@@ -14,23 +15,29 @@ async fn main() -> ExitCode {
         .with_env_filter(EnvFilter::try_new(&config.log).unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
         .init();
-    if let Some(Command::Erase { user_id }) = &config.command {
-        return match erase(&config, user_id).await {
-            Ok(deletion) => match serde_json::to_string_pretty(&deletion) {
-                Ok(text) => {
-                    println!("{text}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot print the deletion");
-                    ExitCode::FAILURE
-                }
-            },
-            Err(e) => {
-                tracing::error!(error = %e, "erase failed");
-                ExitCode::FAILURE
-            }
-        };
+    match &config.command {
+        Some(Command::Erase { user_id }) => {
+            return print_json(erase(&config, user_id).await, "erase");
+        }
+        Some(Command::Reset {
+            tables,
+            all,
+            drop_old,
+            keep_old: _,
+        }) => {
+            let tables = if *all {
+                config.selected_tables()
+            } else {
+                tables.clone()
+            };
+            let old_rows = if *drop_old {
+                OldRows::Drop
+            } else {
+                OldRows::Keep
+            };
+            return print_json(reset(&config, &tables, old_rows).await, "reset");
+        }
+        None => {}
     }
     let listener = match tokio::net::TcpListener::bind(config.listen).await {
         Ok(listener) => listener,
@@ -43,6 +50,31 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "sluice-ingest failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Prints what a one-off `task` did as JSON on standard output; a failure is logged on
+/// standard error and exits with 1.
+fn print_json<T: serde::Serialize, E: std::fmt::Display>(
+    outcome: Result<T, E>,
+    task: &str,
+) -> ExitCode {
+    let value = match outcome {
+        Ok(value) => value,
+        Err(e) => {
+            tracing::error!(error = %e, "{task} failed");
+            return ExitCode::FAILURE;
+        }
+    };
+    match serde_json::to_string_pretty(&value) {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot print what {task} did");
             ExitCode::FAILURE
         }
     }

@@ -457,7 +457,7 @@ async fn apply(si: &SegmentIntegration, ctx: &Context) -> Result<Action, Error> 
     let deployment = apply_children(si, ctx, namespace, desired).await?;
     // The warehouse is not behind the Kubernetes client's fence: check leadership first.
     ctx.ensure_leading()?;
-    let (schema_ready, reports) = ensure_destination(si, refs, &inputs.schema).await;
+    let (schema_ready, reports) = ensure_destination(si, ctx, refs, &inputs.schema).await;
     // Figures read too soon after the last ones are not written (`status::report_due`); when
     // they differ, the reconcile comes back once they may be.
     let interval = ctx.config.report_interval;
@@ -468,6 +468,8 @@ async fn apply(si: &SegmentIntegration, ctx: &Context) -> Result<Action, Error> 
             .as_ref()
             .is_some_and(|s| s.tables != r.tables || s.refused_last_hour != r.refused_last_hour)
     });
+    // Versions change only with a reset, which is reported at once.
+    let table_versions = reports.as_ref().map(|r| r.table_versions.clone());
     let reports = reports.filter(|_| due);
     let observed = Observed {
         generation: si.metadata.generation,
@@ -477,6 +479,7 @@ async fn apply(si: &SegmentIntegration, ctx: &Context) -> Result<Action, Error> 
         ingest_available: status::ingest_availability(&build::ingest_name(si)?, &deployment),
         schema_ready,
         tables: reports.as_ref().map(|r| r.tables.clone()),
+        table_versions,
         refused_last_hour: reports.as_ref().map(|r| r.refused_last_hour.clone()),
         report_time: reports.map(|r| r.time),
     };
@@ -583,10 +586,13 @@ async fn apply_children(
     Ok(deployment)
 }
 
-/// The destination part of step 4: the schema and tables exist (created where missing), as
-/// `SchemaReady`, the table report and the last hour's refused requests.
+/// The destination part of step 4: the schema and tables exist (created where missing), the
+/// table resets of `spec.tableReset` are carried out (each once, with a Normal Event
+/// `TableReset`), as `SchemaReady`, the table report, the tables' versions and the last hour's
+/// refused requests.
 async fn ensure_destination(
     si: &SegmentIntegration,
+    ctx: &Context,
     refs: Dereferenced,
     schema: &str,
 ) -> (Observation, Option<destination::Reports>) {
@@ -594,17 +600,37 @@ async fn ensure_destination(
     let ensured = async {
         let owner = build::schema_owner(si)
             .map_err(|error| Observation::failed(Reason::InvalidSchema, error.to_string()))?;
-        destination::ensure_schema(&refs.url?, schema, &tables, &owner).await
+        destination::ensure_schema(
+            &refs.url?,
+            schema,
+            &tables,
+            &owner,
+            &si.reset_requests(),
+            si.spec.table_reset.old_rows,
+        )
+        .await
     }
     .await;
     match ensured {
-        Ok((claim, report)) => (
-            Observation::ok(
-                Reason::SchemaReady,
-                schema_ready_message(schema, &tables, &claim),
-            ),
-            Some(report),
-        ),
+        Ok((claim, report)) => {
+            for reset in &report.resets {
+                ctx.publish(
+                    si,
+                    EventType::Normal,
+                    Reason::TableReset,
+                    "ResetTable",
+                    destination::reset_note(reset),
+                )
+                .await;
+            }
+            (
+                Observation::ok(
+                    Reason::SchemaReady,
+                    schema_ready_message(schema, &tables, &claim),
+                ),
+                Some(report),
+            )
+        }
         Err(failure) => (failure, None),
     }
 }

@@ -12,6 +12,7 @@ use kube::core::CustomResourceExt;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use sluice_ingest::event::Table;
+use sluice_ingest::load::{OldRows, ResetRequest};
 use sluice_ingest::schema::{SCHEMA_NAME_PATTERN, schema_name_from_display_name};
 use sluice_ingest::selection::ColumnRules;
 
@@ -100,6 +101,68 @@ pub struct SegmentIntegrationSpec {
     /// What happens to the schema and its rows when the resource is deleted.
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
+
+    /// Table-level reset: raise a table's version to empty it and start it again at that
+    /// version, while the ingest keeps loading. The operator carries out each raise once.
+    #[serde(default, skip_serializing_if = "TableResetSpec::is_empty")]
+    pub table_reset: TableResetSpec,
+}
+
+/// `spec.tableReset`: the version each table should be at, and what a reset does with the rows
+/// of the version it ends.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct TableResetSpec {
+    /// The version each table should be at, by table (`{track: 1}`). A table never reset is
+    /// at version 0; when a value here is higher than the table's version in the warehouse,
+    /// the operator resets the table to it, once (`sluice-ingest reset`). A version never
+    /// decreases and a table once listed stays listed.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "table_versions_schema")]
+    pub versions: BTreeMap<String, i64>,
+    /// What a reset does with the old rows: `Keep` them in a table named after their version
+    /// (`track__v0`, the default) or `Drop` them.
+    #[serde(default)]
+    pub old_rows: OldRows,
+}
+
+/// The message the API server answers with when an update lowers or removes a table version.
+pub const TABLE_VERSION_DECREASE_MESSAGE: &str = "spec.tableReset.versions: a table's version never decreases and a table once listed stays listed (a reset cannot be undone)";
+
+impl TableResetSpec {
+    /// Whether nothing is asked for (the field is then left out).
+    pub fn is_empty(&self) -> bool {
+        self.versions.is_empty() && self.old_rows == OldRows::default()
+    }
+}
+
+/// The schema of `spec.tableReset.versions`: a map of versions (at least 1) whose keys a CEL
+/// rule limits to the tables, listed from [`Table::ALL`], and whose values never decrease.
+fn table_versions_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let mut schema = generator.subschema_for::<BTreeMap<String, i64>>();
+    let tables = Table::ALL.map(|t| format!("'{}'", t.name())).join(", ");
+    schema.insert(
+        "maxProperties".to_owned(),
+        serde_json::json!(Table::ALL.len()),
+    );
+    schema.insert(
+        "additionalProperties".to_owned(),
+        serde_json::json!({"type": "integer", "format": "int64", "minimum": 1}),
+    );
+    schema.insert(
+        "x-kubernetes-validations".to_owned(),
+        serde_json::json!([
+            {
+                "rule": format!("self.all(k, k in [{tables}])"),
+                "message": format!("tableReset.versions is keyed by table: {}", Table::names()),
+            },
+            {
+                "rule": "oldSelf.all(k, k in self && self[k] >= oldSelf[k])",
+                "message": TABLE_VERSION_DECREASE_MESSAGE,
+            },
+        ]),
+    );
+    schema
 }
 
 /// Where the warehouse is.
@@ -353,6 +416,32 @@ pub struct SegmentIntegrationStatus {
     /// together; a reason with none is left out.
     #[serde(default)]
     pub refused_last_hour: Vec<RefusalReport>,
+    /// Each table ever reset: its version and its latest reset, from the warehouse's
+    /// `_sdc_table_versions`. A table not listed is at version 0.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend(
+        "x-kubernetes-list-type" = "map",
+        "x-kubernetes-list-map-keys" = ["name"]
+    ))]
+    pub table_versions: Vec<TableVersionReport>,
+}
+
+/// A table's version and its latest reset.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct TableVersionReport {
+    /// The table's name.
+    pub name: String,
+    /// Its version: the `_sdc_table_version` of every row loaded since its latest reset.
+    pub version: i64,
+    /// When the latest reset committed (RFC 3339).
+    pub reset_at: String,
+    /// Where the rows of the version before are kept (`track__v0`); absent when they were
+    /// dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept_as: Option<String>,
+    /// How many rows the version before held.
+    pub previous_rows: i64,
 }
 
 /// A condition in the standard Kubernetes shape (`metav1.Condition`).
@@ -441,6 +530,23 @@ impl SegmentIntegration {
         schema_name_from_display_name(&display)
     }
 
+    /// The resets `spec.tableReset.versions` asks for, in table order: each table to its version
+    /// (the warehouse leaves a table already there as it is). A key that names no table is left
+    /// out (the CRD refuses those).
+    pub fn reset_requests(&self) -> Vec<ResetRequest> {
+        self.spec
+            .table_reset
+            .versions
+            .iter()
+            .filter_map(|(name, version)| {
+                Some(ResetRequest {
+                    table: name.parse().ok()?,
+                    version: Some(*version),
+                })
+            })
+            .collect()
+    }
+
     /// The selected tables as the loader names them, sorted and without duplicates.
     pub fn tables(&self) -> Vec<Table> {
         let mut tables = self.spec.tables.clone();
@@ -509,6 +615,33 @@ mod tests {
         assert_eq!(si.schema_name(), "pinned");
         si.spec.schema = Some("explicit".to_owned());
         assert_eq!(si.schema_name(), "explicit");
+    }
+
+    #[test]
+    fn table_versions_become_reset_requests_in_table_order() {
+        let mut si = minimal("shop");
+        assert!(si.reset_requests().is_empty());
+        assert!(
+            !serde_json::to_string(&si.spec)
+                .expect("json")
+                .contains("tableReset")
+        );
+        si.spec.table_reset.versions =
+            BTreeMap::from([("track".to_owned(), 2), ("page".to_owned(), 1)]);
+        assert_eq!(
+            si.reset_requests(),
+            [
+                ResetRequest {
+                    table: Table::Page,
+                    version: Some(1)
+                },
+                ResetRequest {
+                    table: Table::Track,
+                    version: Some(2)
+                },
+            ]
+        );
+        assert_eq!(si.spec.table_reset.old_rows, OldRows::Keep);
     }
 
     #[test]

@@ -12,9 +12,11 @@ use chrono::SubsecRound;
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
 use sluice_ingest::event::Table;
-use sluice_ingest::load::{Claim, Dropped, LoadError, LoadFigures, Owner, Warehouse};
+use sluice_ingest::load::{
+    Claim, Dropped, LoadError, LoadFigures, OldRows, Owner, ResetRequest, TableReset, Warehouse,
+};
 
-use crate::crd::{RefusalReport, SecretKeyRef, TableReport};
+use crate::crd::{RefusalReport, SecretKeyRef, TableReport, TableVersionReport};
 use crate::status::{Observation, Reason};
 
 /// The longest a reconcile waits on the database, so one unreachable warehouse cannot hold a
@@ -153,6 +155,10 @@ pub struct Reports {
     pub tables: Vec<TableReport>,
     /// Requests the ingest refused in the last hour, by reason.
     pub refused_last_hour: Vec<RefusalReport>,
+    /// Each table ever reset, with its latest reset.
+    pub table_versions: Vec<TableVersionReport>,
+    /// The resets this call carried out, for their Events.
+    pub resets: Vec<TableReset>,
 }
 
 /// A time as the status writes it: RFC 3339 in UTC, whole seconds (`2024-05-01T10:00:00Z`), so
@@ -180,42 +186,113 @@ pub fn table_reports(columns: &[(Table, usize)], loads: &[LoadFigures]) -> Vec<T
 }
 
 /// Creates the schema and the selected tables for `owner` where missing, recording what it
-/// created, and reports the claim, the tables with their column counts, the last hour's rows
-/// loaded and rejected and the last load (from `_sdc_loads`), and the last hour's refused
-/// requests (from `_sdc_refusals`); every ingest replica adds to both tables. A schema another
-/// integration claimed is refused (`SchemaClaimed`).
+/// created; carries out the `resets` whose version is above the table's (the ingest library's
+/// [`Warehouse::reset_tables`], which leaves a table already at its version as it is, so each
+/// is carried out once); and reports the claim, the tables with their column counts, the last
+/// hour's rows loaded and rejected and the last load (from `_sdc_loads`), the last hour's
+/// refused requests (from `_sdc_refusals`; every ingest replica adds to both tables) and the
+/// tables' versions. A schema another integration claimed is refused (`SchemaClaimed`); a reset
+/// that fails is `TableResetFailed`, with the schema left as it was before the reset.
 pub async fn ensure_schema(
     url: &str,
     schema: &str,
     tables: &[Table],
     owner: &Owner,
+    resets: &[ResetRequest],
+    old_rows: OldRows,
 ) -> Result<(Claim, Reports), Observation> {
     let warehouse = warehouse(url, schema)?;
     // Whole seconds, so that the hour counted ends at the reported time.
     let now = chrono::Utc::now().trunc_subsecs(0);
     let since = now - chrono::Duration::hours(1);
     let work = async {
-        let claim = warehouse.ensure_owned_schema(tables, owner).await?;
-        let refused = warehouse.refusals_since(since).await?;
-        let loads = warehouse.loads_since(since).await?;
-        Ok::<_, LoadError>((claim, warehouse.table_report().await?, loads, refused))
+        let claim = warehouse
+            .ensure_owned_schema(tables, owner)
+            .await
+            .map_err(|error| load_failure(&error))?;
+        let done = warehouse
+            .reset_tables(resets, old_rows)
+            .await
+            .map_err(|error| reset_failure(&error))?;
+        let reports = async {
+            let refused = warehouse.refusals_since(since).await?;
+            let loads = warehouse.loads_since(since).await?;
+            let versions = warehouse.latest_resets().await?;
+            Ok::<_, LoadError>((warehouse.table_report().await?, loads, refused, versions))
+        };
+        let (columns, loads, refused, versions) =
+            reports.await.map_err(|error| load_failure(&error))?;
+        Ok::<_, Observation>((claim, columns, loads, refused, versions, done))
     };
-    let (claim, columns, loads, refused) = tokio::time::timeout(DATABASE_TIMEOUT, work)
-        .await
-        .map_err(|_elapsed| timed_out())?
-        .map_err(|error| load_failure(&error))?;
+    let (claim, columns, loads, refused, versions, resets) =
+        tokio::time::timeout(DATABASE_TIMEOUT, work)
+            .await
+            .map_err(|_elapsed| timed_out())??;
     let refused_last_hour = refused
         .into_iter()
         .map(|(reason, count)| RefusalReport { reason, count })
         .collect();
+    let table_versions = versions.iter().map(version_report).collect();
     Ok((
         claim,
         Reports {
             time: status_time(now),
             tables: table_reports(&columns, &loads),
             refused_last_hour,
+            table_versions,
+            resets,
         },
     ))
+}
+
+/// A table's latest reset as the status reports it.
+fn version_report(reset: &TableReset) -> TableVersionReport {
+    TableVersionReport {
+        name: reset.table.name().to_owned(),
+        version: reset.version,
+        reset_at: reset
+            .reset_at
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        kept_as: reset.kept_as.clone(),
+        previous_rows: reset.previous_rows,
+    }
+}
+
+/// The condition for a reset that failed: the database's reasons as for the schema, any other
+/// refusal (a kept name taken) as `TableResetFailed`.
+fn reset_failure(error: &LoadError) -> Observation {
+    match error {
+        LoadError::Database(message) => Observation::failed(
+            Reason::TableResetFailed,
+            format!("spec.tableReset could not be carried out: {message}"),
+        ),
+        other => {
+            let mut failure = load_failure(other);
+            failure.message = format!(
+                "spec.tableReset could not be carried out: {}",
+                failure.message
+            );
+            failure
+        }
+    }
+}
+
+/// The note of the Normal Event for a reset carried out.
+pub fn reset_note(reset: &TableReset) -> String {
+    let rows = match &reset.kept_as {
+        Some(kept) => format!(
+            "its {} rows of version {} are kept in {kept}",
+            reset.previous_rows, reset.previous_version
+        ),
+        None => format!(
+            "its {} rows of version {} were dropped",
+            reset.previous_rows, reset.previous_version
+        ),
+    };
+    format!(
+        "reset table {} to version {}: {rows}",
+        reset.table, reset.version
+    )
 }
 
 /// Drops what Sluice created for `owner` in the schema, and the schema only if Sluice created
@@ -275,6 +352,28 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_reset_note_says_where_the_old_rows_went() {
+        let mut reset = TableReset {
+            table: Table::Track,
+            previous_version: 1,
+            version: 2,
+            kept_as: Some("track__v1".to_owned()),
+            previous_rows: 42,
+            reset_at: chrono::DateTime::from_timestamp(0, 0).expect("epoch"),
+        };
+        assert_eq!(
+            reset_note(&reset),
+            "reset table track to version 2: its 42 rows of version 1 are kept in track__v1"
+        );
+        reset.kept_as = None;
+        assert_eq!(
+            reset_note(&reset),
+            "reset table track to version 2: its 42 rows of version 1 were dropped"
+        );
+        assert_eq!(version_report(&reset).reset_at, "1970-01-01T00:00:00Z");
+    }
+
     #[tokio::test]
     async fn unreachable_database_is_reported_as_unavailable() {
         // Port 1 on loopback: nothing listens, the connection is refused at once.
@@ -287,6 +386,8 @@ mod tests {
             "segment",
             &Table::DEFAULT,
             &owner,
+            &[],
+            OldRows::Keep,
         )
         .await
         .expect_err("nothing listens on port 1");

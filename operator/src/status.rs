@@ -12,6 +12,7 @@ use kube::runtime::events::{Event, EventType};
 
 use crate::crd::{
     Condition, ConditionStatus, RefusalReport, SegmentIntegrationStatus, TableReport,
+    TableVersionReport,
 };
 
 /// The condition that sums up the others.
@@ -61,6 +62,10 @@ pub enum Reason {
     DropBlocked,
     /// The database refused otherwise.
     DatabaseError,
+    /// A table was reset (`spec.tableReset`).
+    TableReset,
+    /// A reset asked for by `spec.tableReset` could not be carried out.
+    TableResetFailed,
     /// The credentials Secret was created.
     CredentialsCreated,
     /// An optional child (Ingress, HorizontalPodAutoscaler) was deleted: the spec no longer asks
@@ -214,6 +219,8 @@ pub struct Observed {
     pub refused_last_hour: Option<Vec<RefusalReport>>,
     /// When `tables` and `refused_last_hour` were read; `None` keeps the previous time.
     pub report_time: Option<String>,
+    /// The tables' versions, when the destination answered; `None` keeps the previous ones.
+    pub table_versions: Option<Vec<TableVersionReport>>,
 }
 
 /// Whether figures read from the warehouse at `now` are to replace those of `previous`: when it
@@ -279,6 +286,11 @@ pub fn status(
             .refused_last_hour
             .clone()
             .or_else(|| previous.map(|s| s.refused_last_hour.clone()))
+            .unwrap_or_default(),
+        table_versions: observed
+            .table_versions
+            .clone()
+            .or_else(|| previous.map(|s| s.table_versions.clone()))
             .unwrap_or_default(),
     }
 }
@@ -347,6 +359,7 @@ mod tests {
             tables: None,
             refused_last_hour: None,
             report_time: None,
+            table_versions: None,
         }
     }
 

@@ -249,6 +249,7 @@ async fn integration_provisions_credentials_deployment_service_schema_and_status
             "_sdc_ownership",
             "_sdc_refusals",
             "_sdc_rejected",
+            "_sdc_table_versions",
             "group",
             "identify",
             "page",
@@ -812,6 +813,7 @@ async fn drop_removes_only_what_sluice_created() {
             "table:_sdc_ownership:true",
             "table:_sdc_refusals:true",
             "table:_sdc_rejected:true",
+            "table:_sdc_table_versions:true",
             "table:group:true",
             "table:identify:true",
             "table:page:true",
@@ -1056,6 +1058,7 @@ async fn ingest_started_as_the_deployment_says_loads_a_signed_webhook() {
             "_sdc_ownership",
             "_sdc_refusals",
             "_sdc_rejected",
+            "_sdc_table_versions",
             "identify",
             "track"
         ]

@@ -13,6 +13,7 @@ pub mod ownership;
 pub mod plan;
 mod postgres;
 mod privilege;
+pub mod reset;
 mod sqlite;
 
 use std::collections::BTreeMap;
@@ -27,6 +28,7 @@ pub use batcher::{Job, LoadSummary, Loader, LoaderConfig, Outcome, Submitted, Wr
 pub use deletion::{Deletion, DeletionRequest};
 pub use ownership::{Claim, Dropped, OWNERSHIP_TABLE, Owner};
 pub use plan::Item;
+pub use reset::{OldRows, ResetRequest, TableReset};
 
 use crate::event::Table;
 use crate::naming::KeyPath;
@@ -370,7 +372,7 @@ impl Warehouse {
     }
 
     /// Creates the schema, the event tables in `tables`, `_sdc_rejected`, `_sdc_columns`,
-    /// `_sdc_loads`, `_sdc_refusals` and `_sdc_deletions` if they are missing, and records the tables' base
+    /// `_sdc_loads`, `_sdc_refusals`, `_sdc_deletions` and `_sdc_table_versions` if they are missing, and records the tables' base
     /// columns in `_sdc_columns`. Safe to run from several processes at once; changes nothing
     /// that exists, and needs no privilege for what exists (a schema created beforehand needs only `USAGE` and `CREATE` on it, not
     /// `CREATE` on the database).

@@ -15,8 +15,8 @@ use chrono::Utc;
 
 use crate::schema::{
     COLUMNS_TABLE, ColumnRecord, DELETIONS, DELETIONS_TABLE, LOADS, LOADS_TABLE, REFUSALS,
-    REFUSALS_TABLE, REJECTED_TABLE, create_columns_sql, create_rejected_sql, create_schema_sql,
-    create_table_sql, qualified,
+    REFUSALS_TABLE, REJECTED_TABLE, VERSIONS, VERSIONS_TABLE, create_columns_sql,
+    create_rejected_sql, create_schema_sql, create_table_sql, qualified,
 };
 
 /// The schema and the relations in it, as they were before a step changed anything.
@@ -79,10 +79,11 @@ impl Tx {
 
 impl Warehouse {
     /// Creates, inside a transaction holding the schema's DDL lock, the schema, the event
-    /// tables in `tables`, `_sdc_rejected`, `_sdc_columns`, `_sdc_loads`, `_sdc_refusals` and `_sdc_deletions`
-    /// where they do not exist yet, records the tables' base columns in `_sdc_columns`, and
-    /// says what it created. Nothing that exists is created again, or needs a privilege to
-    /// create.
+    /// tables in `tables` (at their current version), `_sdc_rejected`, `_sdc_columns`,
+    /// `_sdc_loads`, `_sdc_refusals`, `_sdc_deletions` and `_sdc_table_versions` where they do
+    /// not exist yet, records the tables' base columns in `_sdc_columns`, gives an event table
+    /// created by an earlier release the table version default it lacks (PostgreSQL), and says
+    /// what it created. Nothing that exists is created again, or needs a privilege to create.
     pub(super) async fn create_missing(
         &self,
         tx: &mut Tx,
@@ -98,15 +99,24 @@ impl Warehouse {
                 .map_err(|e| self.ddl_error(e, Need::CreateSchema))?;
             created.schema = true;
         }
+        let versions = if existing.relations.contains(VERSIONS_TABLE) {
+            tx.table_versions(&self.schema)
+                .await
+                .map_err(|e| self.error(e))?
+        } else {
+            Default::default()
+        };
+        let version = |t: &Table| versions.get(t).copied().unwrap_or(0);
         let statements = tables
             .iter()
-            .map(|t| (t.name(), create_table_sql(&self.schema, *t)))
+            .map(|t| (t.name(), create_table_sql(&self.schema, *t, version(t))))
             .chain([
                 (REJECTED_TABLE, create_rejected_sql(&self.schema)),
                 (COLUMNS_TABLE, create_columns_sql(&self.schema)),
                 (LOADS_TABLE, LOADS.create_sql(&self.schema)),
                 (REFUSALS_TABLE, REFUSALS.create_sql(&self.schema)),
                 (DELETIONS_TABLE, DELETIONS.create_sql(&self.schema)),
+                (VERSIONS_TABLE, VERSIONS.create_sql(&self.schema)),
             ]);
         for (name, sql) in statements {
             if existing.relations.contains(name) {
@@ -122,6 +132,12 @@ impl Warehouse {
         tx.insert_records(&self.schema, &records, Utc::now())
             .await
             .map_err(|e| self.ddl_error(e, Need::CreateInSchema))?;
+        let found: Vec<Table> = tables
+            .iter()
+            .copied()
+            .filter(|t| existing.relations.contains(t.name()))
+            .collect();
+        self.default_missing_versions(tx, &found, &versions).await?;
         Ok(created)
     }
 }

@@ -304,7 +304,7 @@ impl Warehouse {
 
     /// Runs a `DROP TABLE`, turning "other objects depend on it" into a sentence that says what
     /// to do.
-    async fn drop_or_explain(
+    pub(super) async fn drop_or_explain(
         &self,
         pg: &mut Transaction<'static, Postgres>,
         sql: &str,

@@ -29,7 +29,8 @@ use crate::json;
 use crate::naming::KeyPath;
 use crate::normalize::{Record, SqlValue};
 use crate::schema::{
-    COLUMN_LIMIT, Catalog, ColumnType, OVERFLOW_COLUMN, SYSTEM_COLUMNS, TableColumns, base_columns,
+    COLUMN_LIMIT, Catalog, ColumnType, OVERFLOW_COLUMN, ROW_SYSTEM_COLUMNS, TableColumns,
+    base_columns,
 };
 
 /// The most bytes of values a row keeps in columns that cannot be moved out of the row (see
@@ -182,7 +183,7 @@ fn plan_table<'a, 'c>(
     };
     let mut placed_at: FxHashMap<(&'a KeyPath, ColumnType), Placement<'c>> = FxHashMap::default();
     let mut sparse_rows: Vec<Vec<(usize, Cow<'a, SqlValue>)>> = Vec::with_capacity(indexes.len());
-    let system_positions: Vec<usize> = SYSTEM_COLUMNS
+    let system_positions: Vec<usize> = ROW_SYSTEM_COLUMNS
         .iter()
         .map(|(name, ty)| position(name, *ty, &mut columns))
         .collect();
@@ -193,9 +194,9 @@ fn plan_table<'a, 'c>(
             SqlValue::Timestamp(item.received_at),
             SqlValue::Timestamp(batched_at),
             SqlValue::BigInt(item.sequence),
-            SqlValue::BigInt(0),
         ];
-        let mut row_bytes = system_values.len() * 8;
+        // The table version, which the table fills in, takes 8 bytes of the row as well.
+        let mut row_bytes = (system_values.len() + 1) * 8;
         for (p, value) in system_positions.iter().zip(system_values) {
             row.push((*p, Cow::Owned(value)));
         }
