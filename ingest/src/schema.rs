@@ -188,6 +188,31 @@ pub struct SystemTable {
     pub primary_key: &'static [&'static str],
 }
 
+/// The rows an `INSERT` of a [`SystemTable`] writes: how many, the number of their first
+/// parameter (parameters run row by row in column order), and optionally a condition that must
+/// hold for any to be written (an SQL expression, e.g. one that makes the statement wait for a
+/// data-modifying `WITH` query to complete).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rows<'a> {
+    /// How many rows.
+    pub count: usize,
+    /// The number of the first parameter (from 1).
+    pub first: usize,
+    /// A condition on writing them, or none.
+    pub condition: Option<&'a str>,
+}
+
+impl Rows<'_> {
+    /// `count` rows with parameters numbered from 1, and no condition.
+    pub fn new(count: usize) -> Rows<'static> {
+        Rows {
+            count,
+            first: 1,
+            condition: None,
+        }
+    }
+}
+
 impl SystemTable {
     /// `CREATE TABLE IF NOT EXISTS`, the same text on PostgreSQL and SQLite.
     pub fn create_sql(&self, schema: &str) -> String {
@@ -216,11 +241,23 @@ impl SystemTable {
         columns: usize,
         rows: usize,
     ) -> String {
+        self.values_insert_sql(dialect, schema, columns, &Rows::new(rows))
+    }
+
+    /// `INSERT` of `rows` into the first `columns` columns: `VALUES`, or with a condition,
+    /// `SELECT * FROM (VALUES ...) AS v WHERE condition`.
+    fn values_insert_sql(
+        &self,
+        dialect: Dialect,
+        schema: &str,
+        columns: usize,
+        rows: &Rows<'_>,
+    ) -> String {
         let names = column_list(self.columns[..columns].iter().map(|(name, _)| *name));
-        let tuples = (0..rows)
+        let tuples = (0..rows.count)
             .map(|row| {
-                let numbers = row * columns + 1..=(row + 1) * columns;
-                let placeholders = numbers
+                let first = rows.first + row * columns;
+                let placeholders = (first..first + columns)
                     .map(|i| dialect.placeholder(i))
                     .collect::<Vec<_>>()
                     .join(", ");
@@ -228,10 +265,13 @@ impl SystemTable {
             })
             .collect::<Vec<_>>()
             .join(", ");
-        format!(
-            "INSERT INTO {} ({names}) VALUES {tuples}",
-            qualified(schema, self.name)
-        )
+        let table = qualified(schema, self.name);
+        match rows.condition {
+            None => format!("INSERT INTO {table} ({names}) VALUES {tuples}"),
+            Some(condition) => format!(
+                "INSERT INTO {table} ({names}) SELECT * FROM (VALUES {tuples}) AS v WHERE {condition}"
+            ),
+        }
     }
 
     /// `INSERT` of `rows` rows (every column, parameters row by row) that, where a row with the
@@ -241,11 +281,11 @@ impl SystemTable {
         &self,
         dialect: Dialect,
         schema: &str,
-        rows: usize,
+        rows: &Rows<'_>,
         sums: &[&str],
         sets: &[String],
     ) -> String {
-        let insert = self.insert_sql(dialect, schema, self.columns.len(), rows);
+        let insert = self.values_insert_sql(dialect, schema, self.columns.len(), rows);
         // The existing row is `t`, as in the event tables' upsert.
         let target = qualified(schema, self.name);
         let insert = insert.replacen(&target, &format!("{target} AS t"), 1);
@@ -503,7 +543,7 @@ pub const LOADS: SystemTable = SystemTable {
 /// received time is the earlier and the last the later (a NULL one counts as unknown). The
 /// same text on PostgreSQL and SQLite (whose timestamps are text of one fixed format, so they
 /// compare as times).
-pub fn upsert_loads_sql(dialect: Dialect, schema: &str, rows: usize) -> String {
+pub fn upsert_loads_sql(dialect: Dialect, schema: &str, rows: &Rows<'_>) -> String {
     let pick = |c: &str, newer: &str| {
         let c = quote_ident(c);
         format!(
@@ -544,7 +584,7 @@ pub const REFUSALS: SystemTable = SystemTable {
 /// `INSERT` of `rows` rows of [`REFUSALS`] that adds `refused` to a row of the same minute,
 /// route and reason where there is one.
 pub fn upsert_refusals_sql(dialect: Dialect, schema: &str, rows: usize) -> String {
-    REFUSALS.adding_upsert_sql(dialect, schema, rows, &["refused"], &[])
+    REFUSALS.adding_upsert_sql(dialect, schema, &Rows::new(rows), &["refused"], &[])
 }
 
 /// Refusals per reason since `$1` (a time), as `(reason, count)`, by reason.
@@ -791,6 +831,33 @@ pub struct TableColumns {
     pub paths: FxHashMap<KeyPath, Vec<PathColumn>>,
     /// Every column name recorded in `_sdc_columns` (system columns too).
     pub recorded: FxHashSet<String>,
+    /// What `_sdc_columns` held for the table when these columns were known to be current (see
+    /// [`ColumnsFingerprint`]); `None` when not known.
+    pub fingerprint: Option<ColumnsFingerprint>,
+}
+
+/// A cheap summary of a table's rows in `_sdc_columns`: how many, and the latest time one was
+/// added (as the database writes it as text). Every column Sluice adds is recorded there in
+/// the transaction that adds it, and a reset moves or drops the table's records and records
+/// its new base columns, so while the summary is unchanged the table's columns are those known
+/// ([`crate::load::Warehouse`] then adds columns without re-reading the catalog).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColumnsFingerprint {
+    /// Rows of the table in `_sdc_columns`.
+    pub records: i64,
+    /// The latest `_sdc_added_at` among them, as text.
+    pub last_added_at: Option<String>,
+}
+
+/// `(table_name, records, latest _sdc_added_at as text)` of every table in `_sdc_columns`: the
+/// [`ColumnsFingerprint`]s, the same text on PostgreSQL and SQLite.
+pub fn columns_fingerprints_sql(schema: &str) -> String {
+    let table = quote_ident("table_name");
+    let added = quote_ident("_sdc_added_at");
+    format!(
+        "SELECT {table}, count(*), CAST(max({added}) AS text) FROM {} GROUP BY {table}",
+        qualified(schema, COLUMNS_TABLE)
+    )
 }
 
 impl TableColumns {
@@ -1163,7 +1230,7 @@ mod tests {
 
     #[test]
     fn loads_add_to_the_minute_of_their_table() {
-        let sql = upsert_loads_sql(Dialect::Postgres, "s", 2);
+        let sql = upsert_loads_sql(Dialect::Postgres, "s", &Rows::new(2));
         assert!(
             sql.starts_with("INSERT INTO \"s\".\"_sdc_loads\" AS t (\"table_name\", \"minute\""),
             "{sql}"
@@ -1173,7 +1240,7 @@ mod tests {
         assert!(sql.contains("\"rows_loaded\" = t.\"rows_loaded\" + excluded.\"rows_loaded\""));
         assert!(sql.contains("excluded.\"first_received_at\" < t.\"first_received_at\""));
         assert!(sql.contains("excluded.\"last_received_at\" > t.\"last_received_at\""));
-        assert!(upsert_loads_sql(Dialect::Sqlite, "s", 1).contains("(?1, ?2, ?3"));
+        assert!(upsert_loads_sql(Dialect::Sqlite, "s", &Rows::new(1)).contains("(?1, ?2, ?3"));
         let refusals = upsert_refusals_sql(Dialect::Postgres, "s", 1);
         assert!(
             refusals.ends_with(

@@ -1,18 +1,33 @@
-//! The ingest benchmark (`bash tests/bench.sh`): drives `POST /v1/webhook` of a real
-//! `sluice-ingest` process with many concurrent clients and realistic events into PostgreSQL, and
-//! prints events/s, acknowledgement latency percentiles, the process's peak RSS, and the rate of a
-//! plain `COPY` of the same rows into a table of the same shape (the ceiling).
+//! The ingest benchmark (`bash tests/bench.sh ingest`): drives real `sluice-ingest` processes
+//! (the release build) with many concurrent clients and realistic events, and prints, in one
+//! run:
 //!
-//! Knobs (environment): `BENCH_EVENTS` (default 60000 per mode), `BENCH_CLIENTS` (64),
-//! `BENCH_BATCH` (events per request in batch mode, 100).
+//! - on PostgreSQL: events/s, p50/p99 acknowledgement latency, and CPU microseconds per event
+//!   in the ingest process and in PostgreSQL (the postmaster and its backends), for single
+//!   events and batches of 100 (webhook and `/v1/batch`) as fast as they are answered, then
+//!   open-loop at half that rate;
+//! - the **no-database ceiling**: the same single-event requests answered by a process that
+//!   does not load their type (the whole HTTP path, without the database);
+//! - the **COPY ceiling**: a `COPY` of the same rows into a table of the same shape;
+//! - **schema evolution**: a stream in which every event brings two new keys, until the
+//!   table's column cap;
+//! - on SQLite: single events and batches beside a plain insert of the same rows in one
+//!   transaction;
+//! - the ratios the README's table quotes, and the ingest processes' peak RSS.
+//!
+//! It checks that every acknowledged event was committed, and asserts no timings. Knobs
+//! (environment): `BENCH_EVENTS` (default 60000 per batch mode; single-event modes send a
+//! quarter), `BENCH_CLIENTS` (64), `BENCH_BATCH` (events per request in batch modes, 100).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use sluice_tests::ingest::{Destination, Process};
-use sqlx::{Connection, Executor, PgConnection};
+use sluice_ingest::schema::COLUMN_LIMIT;
+use sluice_tests::ingest::{Backend, Destination, Process};
+use sqlx::sqlite::SqliteConnection;
+use sqlx::{Connection, Executor, PgConnection, Row, TypeInfo, ValueRef};
 
 const SCHEMA: &str = "bench";
 
@@ -63,6 +78,51 @@ fn event(mode: &str, i: usize) -> Value {
     })
 }
 
+/// A screen event whose `properties.experiments` map is keyed by experiment ids, two of them
+/// seen for the first time in this event: every event adds two columns.
+fn evolving_event(i: usize) -> Value {
+    json!({
+        "type": "screen",
+        "messageId": format!("evolve-{i:09}"),
+        "userId": format!("user-{:06}", i % 20_000),
+        "name": "Home",
+        "timestamp": "2024-05-01T10:00:00.123Z",
+        "properties": {
+            "variant": "b",
+            "experiments": {
+                format!("exp_{}", 2 * i): "control",
+                format!("exp_{}", 2 * i + 1): "treatment",
+            }
+        }
+    })
+}
+
+/// Request bodies of `per_request` events each, made by `make`, for `url`'s route: Tracking
+/// API batches for `/v1/batch`, JSON arrays for webhook batches, single objects otherwise.
+fn bodies(
+    url: &str,
+    events: usize,
+    per_request: usize,
+    make: impl Fn(usize) -> Value,
+) -> Arc<Vec<String>> {
+    Arc::new(
+        (0..events.div_ceil(per_request))
+            .map(|r| {
+                let batch: Vec<Value> = (r * per_request..((r + 1) * per_request).min(events))
+                    .map(&make)
+                    .collect();
+                if url.ends_with("/v1/batch") {
+                    json!({ "batch": batch }).to_string()
+                } else if per_request == 1 {
+                    batch[0].to_string()
+                } else {
+                    Value::Array(batch).to_string()
+                }
+            })
+            .collect(),
+    )
+}
+
 #[derive(Debug)]
 struct Run {
     events: usize,
@@ -81,33 +141,45 @@ impl Run {
     }
 }
 
-/// Sends `events` events, `per_request` per request, from `clients` concurrent clients as fast
-/// as they are answered (closed loop), or at `rate` events/s in total (open loop). Requests to
-/// `/v1/batch` wrap their events as the Tracking API expects; webhook batches are JSON arrays.
-async fn drive(
-    url: &str,
-    mode: &'static str,
+/// What a run sends: `events` events in `bodies`, `per_request` per body, from `clients`
+/// concurrent clients as fast as they are answered (closed loop), or at `rate` events/s in
+/// total (open loop).
+struct Load {
+    bodies: Arc<Vec<String>>,
     events: usize,
     per_request: usize,
     clients: usize,
     rate: Option<f64>,
-) -> Run {
-    let bodies: Arc<Vec<String>> = Arc::new(
-        (0..events.div_ceil(per_request))
-            .map(|r| {
-                let batch: Vec<Value> = (r * per_request..((r + 1) * per_request).min(events))
-                    .map(|i| event(mode, i))
-                    .collect();
-                if url.ends_with("/v1/batch") {
-                    json!({ "batch": batch }).to_string()
-                } else if per_request == 1 {
-                    batch[0].to_string()
-                } else {
-                    Value::Array(batch).to_string()
-                }
-            })
-            .collect(),
-    );
+}
+
+impl Load {
+    /// `events` track events of `mode`, `per_request` per request, for `url`.
+    fn track(url: &str, mode: &str, events: usize, per_request: usize, clients: usize) -> Load {
+        Load {
+            bodies: bodies(url, events, per_request, |i| event(mode, i)),
+            events,
+            per_request,
+            clients,
+            rate: None,
+        }
+    }
+
+    fn at(self, rate: f64) -> Load {
+        Load {
+            rate: Some(rate),
+            ..self
+        }
+    }
+}
+
+async fn drive(url: &str, load: Load) -> Run {
+    let Load {
+        bodies,
+        events,
+        per_request,
+        clients,
+        rate,
+    } = load;
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(clients)
         .build()
@@ -138,8 +210,8 @@ async fn drive(
                     .await
                     .expect("request");
                 let status = response.status();
-                let _ = response.bytes().await;
-                assert_eq!(status, 200, "every request is acknowledged");
+                let body = response.text().await.unwrap_or_default();
+                assert_eq!(status, 200, "every request is acknowledged: {body}");
                 latencies.push(sent.elapsed());
             }
         }));
@@ -155,44 +227,103 @@ async fn drive(
     }
 }
 
-/// CPU seconds (user + system) used so far by the process `pid`, or by every process whose
-/// command is `name` when `pid` is None.
-fn cpu_seconds(pid: Option<u32>, name: &str) -> f64 {
-    let ticks_of = |stat: &str| -> Option<(String, f64)> {
-        let open = stat.find('(')?;
+/// `(pid, parent pid, CPU seconds used so far: user + system)` of every process.
+fn processes() -> Vec<(u32, u32, f64)> {
+    let of = |stat: &str| -> Option<(u32, u32, f64)> {
+        let pid = stat.split_whitespace().next()?.parse().ok()?;
         let close = stat.rfind(')')?;
-        let comm = stat[open + 1..close].to_owned();
-        let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+        let fields: Vec<&str> = stat.get(close + 2..)?.split_whitespace().collect();
+        let ppid = fields.get(1)?.parse().ok()?;
         let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-        Some((comm, ticks / 100.0))
+        Some((pid, ppid, ticks / 100.0))
     };
-    let pids: Vec<String> = match pid {
-        Some(pid) => vec![pid.to_string()],
-        None => std::fs::read_dir("/proc")
-            .map(|d| {
-                d.filter_map(|e| e.ok()?.file_name().into_string().ok())
-                    .collect()
-            })
-            .unwrap_or_default(),
-    };
-    pids.iter()
-        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
-        .filter_map(|stat| ticks_of(&stat))
-        .filter(|(comm, _)| pid.is_some() || comm == name)
-        .map(|(_, seconds)| seconds)
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("stat")).ok())
+                .filter_map(|stat| of(&stat))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// CPU seconds used so far by `pid` and, when `children`, by its child processes (a
+/// postmaster's backends). Backends that ended are not counted; Sluice's pool keeps its
+/// connections for the whole run.
+fn cpu_seconds(pid: u32, children: bool) -> f64 {
+    processes()
+        .iter()
+        .filter(|(p, parent, _)| *p == pid || (children && *parent == pid))
+        .map(|(_, _, seconds)| seconds)
         .sum()
 }
 
-fn peak_rss_kib(pid: u32) -> u64 {
+fn peak_rss_mib(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
         .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
 }
 
-/// COPYs the rows Sluice loaded into an empty table of the same shape and returns rows/s.
+/// The postmaster of the PostgreSQL server at `url`: the parent of a backend.
+async fn postmaster(url: &str) -> u32 {
+    let mut conn = PgConnection::connect(url).await.expect("connect");
+    let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut conn)
+        .await
+        .expect("backend pid");
+    processes()
+        .iter()
+        .find(|(pid, _, _)| *pid == backend as u32)
+        .map(|(_, parent, _)| *parent)
+        .expect("the backend's parent")
+}
+
+/// Prints one line per measured run: rate, latency percentiles, CPU per event.
+struct Table {
+    ingest: u32,
+    database: Option<u32>,
+}
+
+impl Table {
+    fn header() {
+        println!(
+            "{:<40} {:>10} {:>9} {:>9} {:>13} {:>13}",
+            "mode", "events/s", "p50 ms", "p99 ms", "ingest us/ev", "db us/ev"
+        );
+    }
+
+    fn cpu(&self) -> (f64, f64) {
+        (
+            cpu_seconds(self.ingest, false),
+            self.database.map_or(0.0, |pid| cpu_seconds(pid, true)),
+        )
+    }
+
+    /// Drives `load` at `url` and prints its line as `name`.
+    async fn measure(&self, name: &str, url: &str, load: Load) -> Run {
+        let before = self.cpu();
+        let run = drive(url, load).await;
+        let after = self.cpu();
+        let per_event = |seconds: f64| seconds / run.events as f64 * 1e6;
+        let database = match self.database {
+            Some(_) => format!("{:>13.1}", per_event(after.1 - before.1)),
+            None => format!("{:>13}", "-"),
+        };
+        println!(
+            "{name:<40} {:>10.0} {:>9.2} {:>9.2} {:>13.1} {database}",
+            run.rate(),
+            run.percentile(0.50).as_secs_f64() * 1e3,
+            run.percentile(0.99).as_secs_f64() * 1e3,
+            per_event(after.0 - before.0),
+        );
+        run
+    }
+}
+
+/// COPYs the rows of `bench.track` into an empty table of the same shape and returns rows/s.
 async fn copy_ceiling(url: &str, rows: usize) -> f64 {
     let mut conn = PgConnection::connect(url).await.expect("connect");
     conn.execute("CREATE TABLE bench.copy_target (LIKE bench.track INCLUDING ALL)")
@@ -220,108 +351,240 @@ async fn copy_ceiling(url: &str, rows: usize) -> f64 {
     rows as f64 / seconds
 }
 
-async fn count(url: &str, mode: &str) -> usize {
-    let mut conn = PgConnection::connect(url).await.expect("connect");
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM bench.track WHERE message_id LIKE $1")
-        .bind(format!("{mode}-%"))
-        .fetch_one(&mut conn)
+/// A SQLite value as read back, to insert again.
+enum Cell {
+    Null,
+    Integer(i64),
+    Real(f64),
+    Text(String),
+}
+
+/// Reads every row of `track` from the SQLite file at `url`, then inserts them again, with one
+/// prepared `INSERT` per row in one transaction, into an empty table of the same columns with
+/// the same unique index on `message_id`; returns rows/s of the insert.
+async fn sqlite_insert_ceiling(url: &str, rows: usize) -> f64 {
+    let mut conn = SqliteConnection::connect(url).await.expect("connect");
+    let read = sqlx::query(r#"SELECT * FROM "track""#)
+        .fetch_all(&mut conn)
         .await
-        .expect("count");
+        .expect("read rows");
+    let columns = read[0].columns().len();
+    let cells: Vec<Vec<Cell>> = read
+        .iter()
+        .map(|row| {
+            (0..columns)
+                .map(|i| {
+                    let raw = row.try_get_raw(i).expect("cell");
+                    if raw.is_null() {
+                        return Cell::Null;
+                    }
+                    match raw.type_info().name() {
+                        "INTEGER" | "BOOLEAN" => Cell::Integer(row.get(i)),
+                        "REAL" => Cell::Real(row.get(i)),
+                        _ => Cell::Text(row.get(i)),
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    conn.execute(
+        r#"CREATE TABLE "copy_target" AS SELECT * FROM "track" WHERE 0;
+           CREATE UNIQUE INDEX "copy_target_message_id" ON "copy_target" ("message_id")"#,
+    )
+    .await
+    .expect("copy target");
+    let sql = format!(
+        r#"INSERT INTO "copy_target" VALUES ({})"#,
+        vec!["?"; columns].join(", ")
+    );
+    let started = Instant::now();
+    let mut tx = conn.begin().await.expect("begin");
+    for row in &cells {
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql.clone()));
+        for cell in row {
+            query = match cell {
+                Cell::Null => query.bind(None::<i64>),
+                Cell::Integer(n) => query.bind(*n),
+                Cell::Real(x) => query.bind(*x),
+                Cell::Text(s) => query.bind(s.as_str()),
+            };
+        }
+        query.execute(&mut *tx).await.expect("insert");
+    }
+    tx.commit().await.expect("commit");
+    let seconds = started.elapsed().as_secs_f64();
+    assert_eq!(cells.len(), rows);
+    rows as f64 / seconds
+}
+
+/// Rows of `table` in the destination whose `message_id` starts with `prefix`.
+async fn count(dest: &Destination, table: &str, prefix: &str) -> usize {
+    let schema_table = match dest.backend {
+        Backend::Postgres => format!(r#""{SCHEMA}"."{table}""#),
+        Backend::Sqlite => format!(r#""{table}""#),
+    };
+    let sql = format!("SELECT count(*) FROM {schema_table} WHERE message_id LIKE '{prefix}-%'");
+    let n: i64 = match dest.backend {
+        Backend::Postgres => {
+            let mut conn = PgConnection::connect(&dest.url).await.expect("connect");
+            sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                .fetch_one(&mut conn)
+                .await
+        }
+        Backend::Sqlite => {
+            let mut conn = SqliteConnection::connect(&dest.url).await.expect("connect");
+            sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                .fetch_one(&mut conn)
+                .await
+        }
+    }
+    .expect("count");
     n as usize
+}
+
+/// Asserts that every event of each `(prefix, sent)` was committed to `table`.
+async fn assert_committed(dest: &Destination, table: &str, sent: &[(&str, usize)]) {
+    for (prefix, sent) in sent {
+        let stored = count(dest, table, prefix).await;
+        assert_eq!(
+            stored, *sent,
+            "{prefix}: every acknowledged event is committed"
+        );
+    }
+}
+
+async fn spawn(dest: &Destination, extra: &[&str]) -> Process {
+    let mut args = vec![
+        "--database-url",
+        &dest.url,
+        "--schema",
+        SCHEMA,
+        "--log",
+        "warn",
+    ];
+    args.extend_from_slice(extra);
+    Process::spawn(&args, &[]).await
 }
 
 #[tokio::main]
 async fn main() {
     let events = env_usize("BENCH_EVENTS", 60_000);
+    let singles = events / 4;
     let clients = env_usize("BENCH_CLIENTS", 64);
     let batch = env_usize("BENCH_BATCH", 100);
-    let dest = Destination::new(sluice_tests::ingest::Backend::Postgres, "bench").await;
-    let process = Process::spawn(
-        &[
-            "--database-url",
-            &dest.url,
-            "--schema",
-            SCHEMA,
-            "--log",
-            "warn",
-        ],
-        &[],
-    )
-    .await;
-    let url = process.url("/v1/webhook");
-    // Warm-up: creates the columns, so schema evolution is not part of the figures.
-    drive(&url, "warmup", 2_000, 100, 8, None).await;
-
-    println!("sluice ingest benchmark: {events} events per mode, {clients} concurrent clients");
+    let batch_clients = (clients / 4).max(1);
     println!(
-        "{:<34} {:>10} {:>9} {:>9} {:>14} {:>14}",
-        "mode", "events/s", "p50 ms", "p99 ms", "ingest us/ev", "postgres us/ev"
-    );
-    let pid = process.pid();
-    let measure = |name: String, run: Run, cpu: (f64, f64)| {
-        let ingest = (cpu_seconds(Some(pid), "") - cpu.0) / run.events as f64 * 1e6;
-        let postgres = (cpu_seconds(None, "postgres") - cpu.1) / run.events as f64 * 1e6;
-        println!(
-            "{name:<34} {:>10.0} {:>9.2} {:>9.2} {ingest:>14.1} {postgres:>14.1}",
-            run.rate(),
-            run.percentile(0.50).as_secs_f64() * 1e3,
-            run.percentile(0.99).as_secs_f64() * 1e3
-        );
-        run
-    };
-    let cpu = || (cpu_seconds(Some(pid), ""), cpu_seconds(None, "postgres"));
-    let before = cpu();
-    let single = drive(&url, "single", events / 4, 1, clients, None).await;
-    let single = measure("single events, max rate".into(), single, before);
-    let before = cpu();
-    let batched = drive(&url, "batch", events, batch, clients / 4, None).await;
-    let batched = measure(format!("batches of {batch}, max rate"), batched, before);
-    let before = cpu();
-    let tracking_url = process.url("/v1/batch");
-    let tracking = drive(&tracking_url, "tracking", events, batch, clients / 4, None).await;
-    let tracking = measure(format!("/v1/batch of {batch}, max rate"), tracking, before);
-    let before = cpu();
-    let half = drive(
-        &url,
-        "half",
-        events / 4,
-        1,
-        clients,
-        Some(single.rate() / 2.0),
-    )
-    .await;
-    measure("single events, half max rate".into(), half, before);
-    let before = cpu();
-    let half_batched = drive(
-        &url,
-        "halfbatch",
-        events,
-        batch,
-        clients / 4,
-        Some(batched.rate() / 2.0),
-    )
-    .await;
-    measure(
-        format!("batches of {batch}, half max rate"),
-        half_batched,
-        before,
+        "sluice ingest benchmark: {events} events per batch mode, {singles} per single-event \
+         mode; {clients} clients for single events, {batch_clients} for batches of {batch}"
     );
 
-    for (mode, sent) in [
-        ("single", events / 4),
+    // The no-database ceiling first, while nothing else has run: the same single-event
+    // requests, answered by a process that does not load track events.
+    let nodb_dest = Destination::new(Backend::Sqlite, "bench-nodb").await;
+    let nodb = spawn(&nodb_dest, &["--tables", "identify"]).await;
+    let url = nodb.url("/v1/webhook");
+    let nodb_table = Table {
+        ingest: nodb.pid(),
+        database: None,
+    };
+    println!("\n== the HTTP path without the database (track not selected) ==");
+    Table::header();
+    drive(&url, Load::track(&url, "nodbwarmup", 2_000, 1, clients)).await;
+    let ceiling = nodb_table
+        .measure(
+            "single events, not loaded",
+            &url,
+            Load::track(&url, "nodb", singles, 1, clients),
+        )
+        .await;
+    drop(nodb);
+
+    println!("\n== PostgreSQL ==");
+    let dest = Destination::new(Backend::Postgres, "bench").await;
+    let process = spawn(&dest, &[]).await;
+    let table = Table {
+        ingest: process.pid(),
+        database: Some(postmaster(&dest.url).await),
+    };
+    let url = process.url("/v1/webhook");
+    let tracking_url = process.url("/v1/batch");
+    // Warm-up: creates the columns, so schema evolution is not part of these figures.
+    drive(&url, Load::track(&url, "warmup", 2_000, batch, 8)).await;
+    Table::header();
+    let single = table
+        .measure(
+            "single events, max rate",
+            &url,
+            Load::track(&url, "single", singles, 1, clients),
+        )
+        .await;
+    let batched = table
+        .measure(
+            &format!("webhook batches of {batch}, max rate"),
+            &url,
+            Load::track(&url, "batch", events, batch, batch_clients),
+        )
+        .await;
+    let tracking = table
+        .measure(
+            &format!("/v1/batch of {batch}, max rate"),
+            &tracking_url,
+            Load::track(&tracking_url, "tracking", events, batch, batch_clients),
+        )
+        .await;
+    table
+        .measure(
+            "single events, half max rate",
+            &url,
+            Load::track(&url, "half", singles, 1, clients).at(single.rate() / 2.0),
+        )
+        .await;
+    table
+        .measure(
+            &format!("webhook batches of {batch}, half max rate"),
+            &url,
+            Load::track(&url, "halfbatch", events, batch, batch_clients).at(batched.rate() / 2.0),
+        )
+        .await;
+    let sent = [
+        ("warmup", 2_000),
+        ("single", singles),
         ("batch", events),
         ("tracking", events),
-        ("half", events / 4),
+        ("half", singles),
         ("halfbatch", events),
-    ] {
-        let stored = count(&dest.url, mode).await;
-        assert_eq!(
-            stored, sent,
-            "{mode}: every acknowledged event is committed"
-        );
-    }
-    println!("every acknowledged event is in PostgreSQL: checked by count per mode");
-    let rss = peak_rss_kib(process.pid());
+    ];
+    assert_committed(&dest, "track", &sent).await;
+
+    // Every event brings two keys no event had before, until the column cap.
+    let base_columns = {
+        let mut conn = PgConnection::connect(&dest.url).await.expect("connect");
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM information_schema.columns \
+             WHERE table_schema = 'bench' AND table_name = 'screen'",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .expect("columns");
+        n as usize
+    };
+    // `properties_variant` is the one other key the events bring.
+    let evolving = (COLUMN_LIMIT - base_columns - 1) / 2;
+    let evolution = table
+        .measure(
+            "schema evolution, 2 new keys per event",
+            &url,
+            Load {
+                bodies: bodies(&url, evolving, 1, evolving_event),
+                events: evolving,
+                per_request: 1,
+                clients: 8,
+                rate: None,
+            },
+        )
+        .await;
+    assert_committed(&dest, "screen", &[("evolve", evolving)]).await;
+    let pg_rss = peak_rss_mib(process.pid());
     let metrics = reqwest::get(process.url("/metrics"))
         .await
         .expect("metrics")
@@ -336,18 +599,72 @@ async fn main() {
     };
     let batches = metric("sluice_batch_rows_count");
     println!(
-        "batches: {batches:.0}, mean {:.0} rows, mean write+commit {:.1} ms",
+        "batches: {batches:.0}, mean {:.1} rows, mean write+commit {:.2} ms",
         metric("sluice_batch_rows_sum") / batches,
         metric("sluice_commit_seconds_sum") / batches * 1e3
     );
-    let total: usize = 2_000 + events / 4 * 2 + events * 3;
-    let ceiling = copy_ceiling(&dest.url, total).await;
-    println!("peak RSS of sluice-ingest: {:.1} MiB", rss as f64 / 1024.0);
-    println!("COPY of the same {total} rows into the same table shape: {ceiling:.0} rows/s");
+    drop(process);
+    let rows: usize = sent.iter().map(|(_, n)| n).sum();
+    let copy = copy_ceiling(&dest.url, rows).await;
+    println!("COPY of the same {rows} rows into the same table shape: {copy:.0} rows/s");
+
+    println!("\n== SQLite ==");
+    let lite_dest = Destination::new(Backend::Sqlite, "bench-sqlite").await;
+    let lite = spawn(&lite_dest, &[]).await;
+    let lite_table = Table {
+        ingest: lite.pid(),
+        database: None,
+    };
+    let url = lite.url("/v1/webhook");
+    drive(&url, Load::track(&url, "warmup", 2_000, batch, 8)).await;
+    Table::header();
+    let lite_single = lite_table
+        .measure(
+            "single events, max rate",
+            &url,
+            Load::track(&url, "single", singles, 1, clients),
+        )
+        .await;
+    let lite_batched = lite_table
+        .measure(
+            &format!("webhook batches of {batch}, max rate"),
+            &url,
+            Load::track(&url, "batch", events, batch, batch_clients),
+        )
+        .await;
+    let lite_sent = [("warmup", 2_000), ("single", singles), ("batch", events)];
+    assert_committed(&lite_dest, "track", &lite_sent).await;
+    let lite_rss = peak_rss_mib(lite.pid());
+    drop(lite);
+    let lite_rows: usize = lite_sent.iter().map(|(_, n)| n).sum();
+    let plain = sqlite_insert_ceiling(&lite_dest.url, lite_rows).await;
+    println!("plain insert of the same {lite_rows} rows in one transaction: {plain:.0} rows/s");
+
+    println!("\n== summary ==");
+    println!("every acknowledged event was committed: checked by count per mode");
     println!(
-        "Sluice / COPY: single events {:.2}, webhook batches of {batch} {:.2}, /v1/batch of {batch} {:.2}",
-        single.rate() / ceiling,
-        batched.rate() / ceiling,
-        tracking.rate() / ceiling
+        "PostgreSQL single events / no-database ceiling: {:.0} / {:.0} = {:.2}",
+        single.rate(),
+        ceiling.rate(),
+        single.rate() / ceiling.rate()
+    );
+    println!(
+        "PostgreSQL / COPY: webhook batches of {batch} {:.2}, /v1/batch of {batch} {:.2}, single events {:.2}",
+        batched.rate() / copy,
+        tracking.rate() / copy,
+        single.rate() / copy
+    );
+    println!(
+        "schema evolution: {:.0} events/s ({evolving} events, {} new columns)",
+        evolution.rate(),
+        evolving * 2
+    );
+    println!(
+        "SQLite / plain insert: single events {:.2}, webhook batches of {batch} {:.2}",
+        lite_single.rate() / plain,
+        lite_batched.rate() / plain
+    );
+    println!(
+        "peak RSS of sluice-ingest: {pg_rss:.1} MiB on PostgreSQL, {lite_rss:.1} MiB on SQLite"
     );
 }

@@ -6,6 +6,26 @@
 //!
 //! A job is acknowledged only after the transaction that holds its records has committed.
 
+/// Binds the parameters of [`schema::upsert_loads_sql`] for `$loads` (a `&[TableLoad]`) of the
+/// minute `$minute` to `$query`, each time encoded by `$time`: the same parameters on both
+/// databases; only the times' encoding differs.
+macro_rules! bind_loads {
+    ($query:expr, $loads:expr, $minute:expr, $time:expr) => {{
+        let mut query = $query;
+        for load in $loads {
+            query = query
+                .bind(load.table.name())
+                .bind($time($minute))
+                .bind(load.loaded)
+                .bind(load.rejected)
+                .bind(load.columns_added)
+                .bind(load.first_received_at.map($time))
+                .bind(load.last_received_at.map($time));
+        }
+        query
+    }};
+}
+
 mod batcher;
 mod deletion;
 mod objects;
@@ -16,7 +36,7 @@ mod privilege;
 pub mod reset;
 mod sqlite;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,8 +53,8 @@ pub use reset::{OldRows, ResetRequest, TableReset};
 use crate::event::Table;
 use crate::naming::KeyPath;
 use crate::schema::{
-    self, Catalog, ColumnRecord, ColumnType, Dialect, InvalidSchemaName, add_columns_sql,
-    validate_schema_name,
+    self, Catalog, ColumnRecord, ColumnType, ColumnsFingerprint, Dialect, InvalidSchemaName,
+    add_columns_sql, validate_schema_name,
 };
 use plan::{Evolution, TableRows, dedup};
 
@@ -556,11 +576,27 @@ impl Warehouse {
     /// transaction. Returns the catalog as it is afterwards.
     async fn evolve(&self, evolution: &Evolution) -> Result<Catalog, LoadError> {
         let mut tx = self.ddl_transaction().await?;
-        let mut current = match &mut tx {
-            Tx::Postgres(tx) => postgres::catalog(tx, &self.schema).await,
-            Tx::Sqlite(tx) => sqlite::catalog(tx, &self.schema).await,
-        }
-        .map_err(|e| self.error(e))?;
+        // The catalog is read again only when another writer (or a reset) changed a table
+        // being evolved since this one last knew it: on a stream whose every event brings new
+        // keys, re-reading every column at each step would cost more than the step.
+        let before = tx
+            .columns_fingerprints(&self.schema)
+            .await
+            .map_err(|e| self.error(e))?;
+        let known = self.known.lock().await.clone();
+        let current_everywhere = evolution.0.iter().all(|(table, _)| {
+            let fingerprint = known.table(*table).fingerprint.as_ref();
+            fingerprint.is_some() && fingerprint == before.get(table)
+        });
+        let mut current = if current_everywhere {
+            known
+        } else {
+            match &mut tx {
+                Tx::Postgres(tx) => postgres::catalog(tx, &self.schema).await,
+                Tx::Sqlite(tx) => sqlite::catalog(tx, &self.schema).await,
+            }
+            .map_err(|e| self.error(e))?
+        };
         let mut records = Vec::new();
         let mut loads = Vec::new();
         for (table, needs) in &evolution.0 {
@@ -598,6 +634,13 @@ impl Warehouse {
         tx.record_loads(&self.schema, &loads, now)
             .await
             .map_err(|e| self.error(e))?;
+        let after = tx
+            .columns_fingerprints(&self.schema)
+            .await
+            .map_err(|e| self.error(e))?;
+        for (table, columns) in &mut current.0 {
+            columns.fingerprint = after.get(table).cloned();
+        }
         tx.commit().await.map_err(|e| self.error(e))?;
         Ok(current)
     }
@@ -710,17 +753,21 @@ impl Warehouse {
         ))
     }
 
-    /// Upserts every table's rows in one transaction, with their line in `_sdc_loads`.
+    /// Upserts every table's rows in one transaction, with their line in `_sdc_loads`: on
+    /// PostgreSQL one statement (one round trip), on SQLite one transaction.
     async fn insert_all(
         &self,
         tables: &[TableRows<'_>],
         items: &[Item],
     ) -> Result<(), sqlx::Error> {
+        let loads = TableLoad::of_rows(tables, items, &[]);
+        if let Pool::Postgres(pool) = &self.pool {
+            return postgres::load(pool, &self.schema, tables, items, &loads, Utc::now()).await;
+        }
         let mut tx = self.begin().await?;
         for rows in tables {
             tx.insert(&self.schema, rows).await?;
         }
-        let loads = TableLoad::of_rows(tables, items, &[]);
         tx.record_loads(&self.schema, &loads, Utc::now()).await?;
         tx.commit().await
     }
@@ -836,6 +883,36 @@ impl Tx {
         Ok(())
     }
 
+    /// The [`ColumnsFingerprint`] of every table recorded in `_sdc_columns`.
+    async fn columns_fingerprints(
+        &mut self,
+        schema: &str,
+    ) -> Result<HashMap<Table, ColumnsFingerprint>, sqlx::Error> {
+        let sql = schema::columns_fingerprints_sql(schema);
+        let rows: Vec<(String, i64, Option<String>)> = match self {
+            Tx::Postgres(tx) => {
+                sqlx::query_as(AssertSqlSafe(sql))
+                    .fetch_all(&mut **tx)
+                    .await?
+            }
+            Tx::Sqlite(tx) => {
+                sqlx::query_as(AssertSqlSafe(sql))
+                    .fetch_all(&mut **tx)
+                    .await?
+            }
+        };
+        Ok(rows
+            .into_iter()
+            .filter_map(|(table, records, last_added_at)| {
+                let fingerprint = ColumnsFingerprint {
+                    records,
+                    last_added_at,
+                };
+                Some((table.parse().ok()?, fingerprint))
+            })
+            .collect())
+    }
+
     /// Adds `loads` to their tables' rows of `_sdc_loads` for the minute of `at`.
     async fn record_loads(
         &mut self,
@@ -847,32 +924,21 @@ impl Tx {
             return Ok(());
         }
         let minute = minute_of(at);
-        let sql = schema::upsert_loads_sql(self.dialect(), schema, loads.len());
-        // The same parameters on both databases; only the times' encoding differs.
-        macro_rules! bind_loads {
-            ($time:expr) => {{
-                let mut query = sqlx::query(AssertSqlSafe(sql));
-                for load in loads {
-                    query = query
-                        .bind(load.table.name())
-                        .bind($time(minute))
-                        .bind(load.loaded)
-                        .bind(load.rejected)
-                        .bind(load.columns_added)
-                        .bind(load.first_received_at.map($time))
-                        .bind(load.last_received_at.map($time));
-                }
-                query
-            }};
-        }
+        let sql = schema::upsert_loads_sql(self.dialect(), schema, &schema::Rows::new(loads.len()));
         match self {
             Tx::Postgres(tx) => {
-                bind_loads!(|t: DateTime<Utc>| t).execute(&mut **tx).await?;
-            }
-            Tx::Sqlite(tx) => {
-                bind_loads!(|t: DateTime<Utc>| crate::normalize::format_timestamp(&t))
+                let query = sqlx::query(AssertSqlSafe(sql));
+                bind_loads!(query, loads, minute, |t: DateTime<Utc>| t)
                     .execute(&mut **tx)
                     .await?;
+            }
+            Tx::Sqlite(tx) => {
+                let query = sqlx::query(AssertSqlSafe(sql));
+                bind_loads!(query, loads, minute, |t: DateTime<Utc>| {
+                    crate::normalize::format_timestamp(&t)
+                })
+                .execute(&mut **tx)
+                .await?;
             }
         }
         Ok(())

@@ -1,7 +1,9 @@
-//! The PostgreSQL writer: one `INSERT ... SELECT FROM UNNEST(...)` per table and batch, with one
-//! array parameter per column, so a batch costs one round trip whatever its size.
+//! The PostgreSQL writer: one `INSERT ... SELECT unnest(...), ...` per table and batch, with one
+//! array parameter per column, all of a batch's tables and its `_sdc_loads` line in one
+//! statement, so a batch costs one round trip whatever its size.
 
 use std::str::FromStr;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sha1::{Digest, Sha1};
@@ -9,17 +11,20 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool, Postgres, Transaction};
 
 use super::plan::TableRows;
-use super::{Failure, LoadError, Rejected, Timeouts, on_conflict_sql};
+use super::{Failure, LoadError, Rejected, TableLoad, Timeouts, minute_of, on_conflict_sql};
 use crate::normalize::SqlValue;
 use crate::schema::{
-    Catalog, ColumnType, Dialect, insert_rejected_sql, qualified, quote_ident, select_columns_sql,
+    Catalog, ColumnType, Dialect, Rows, insert_rejected_sql, qualified, quote_ident,
+    select_columns_sql, upsert_loads_sql,
 };
 
 /// A lazily connecting pool: the process starts, and `/readyz` reports, while the database is
-/// down. Every connection runs with `statement_timeout`; a connection is tested before it is
-/// handed out (one the server closed, by a restart say, is replaced) and when it comes back
-/// (one that does not answer within the acquire timeout, as over a stalled network, is dropped
-/// rather than kept: it would hold its place in the pool until the network heals).
+/// down. Every connection runs with `statement_timeout`. A connection idle for more than
+/// [`IDLE_CHECK`] is tested before it is handed out (one the server closed, by a restart say, is
+/// replaced); one in steady use is not, which would cost a round trip per batch. A connection
+/// is tested when it comes back (one that does not answer within the acquire timeout, as over
+/// a stalled network, is dropped rather than kept: it would hold its place in the pool until
+/// the network heals).
 pub(super) fn pool(url: &str, connections: u32, timeouts: Timeouts) -> Result<PgPool, LoadError> {
     let options = PgConnectOptions::from_str(url)
         .map_err(|e| LoadError::BadUrl(format!("{url}: {e}")))?
@@ -32,7 +37,15 @@ pub(super) fn pool(url: &str, connections: u32, timeouts: Timeouts) -> Result<Pg
     Ok(PgPoolOptions::new()
         .max_connections(connections.max(1))
         .acquire_timeout(timeouts.acquire)
-        .test_before_acquire(true)
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for > IDLE_CHECK {
+                    conn.ping().await?;
+                }
+                Ok(true)
+            })
+        })
         .after_release(move |conn, _| {
             Box::pin(async move {
                 match tokio::time::timeout(check, conn.ping()).await {
@@ -43,6 +56,9 @@ pub(super) fn pool(url: &str, connections: u32, timeouts: Timeouts) -> Result<Pg
         })
         .connect_lazy_with(options))
 }
+
+/// How long a pooled connection may sit idle before it is tested again when handed out.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
 
 /// Maps a SQLSTATE to how the loader reacts, by its class (the first two characters), with
 /// the few codes inside a class that need another reaction named first. The classes are
@@ -128,6 +144,132 @@ pub(super) async fn insert(
     schema: &str,
     rows: &TableRows<'_>,
 ) -> Result<(), sqlx::Error> {
+    let sql = format!("{}{}", insert_sql(schema, rows, 1), on_conflict_sql(rows));
+    bind_rows(sqlx::query(AssertSqlSafe(sql)), rows)
+        .execute(&mut **tx)
+        .await
+        .map(drop)
+}
+
+/// Loads a batch and adds `loads` to `_sdc_loads` (for the minute of `at`), in two steps.
+///
+/// First, one statement, which PostgreSQL runs as a transaction of its own (one round trip per
+/// batch), inserts every table's rows that are new and the `_sdc_loads` line, and returns the
+/// `message_id`s it inserted:
+///
+/// ```sql
+/// WITH w0 AS (INSERT INTO "s"."page" ... ON CONFLICT ("message_id") DO NOTHING
+///             RETURNING 0, "message_id"),
+///      w1 AS (INSERT INTO "s"."track" ... RETURNING 1, "message_id"),
+///      loads AS (INSERT INTO "s"."_sdc_loads" AS t (...) SELECT * FROM (VALUES (...)) AS v
+///                WHERE (SELECT count(*) FROM w0) + (SELECT count(*) FROM w1) >= 0
+///                ON CONFLICT ...)
+/// SELECT * FROM w0 UNION ALL SELECT * FROM w1
+/// ```
+///
+/// The condition makes the tables' inserts complete before the `_sdc_loads` rows are written,
+/// so the lock on a table's row of the minute, which concurrent writers wait for, is held only
+/// from then until the commit.
+///
+/// Then the rows that were not new (redeliveries, whose row the newest version must replace)
+/// are upserted with the full statement, which names every column of the table ([`insert`]),
+/// in a transaction of their own. The first statement names only the batch's columns:
+/// PostgreSQL resolves each column name of a statement by a linear search of the table's
+/// columns, so a statement naming all of a wide table's columns costs time quadratic in its
+/// width, paid at every batch while new keys keep changing the statement.
+///
+/// The batch is acknowledged only after both steps; when the second fails, the sender's retry
+/// upserts again (and counts again in `_sdc_loads`, like any redelivery).
+pub(super) async fn load(
+    pool: &PgPool,
+    schema: &str,
+    tables: &[TableRows<'_>],
+    items: &[super::Item],
+    loads: &[TableLoad],
+    at: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    if tables.is_empty() {
+        return Ok(());
+    }
+    let mut sql = String::new();
+    let mut first = 1;
+    for (i, rows) in tables.iter().enumerate() {
+        sql.push_str(if i == 0 { "WITH " } else { ", " });
+        sql.push_str(&format!(
+            "w{i} AS ({} ON CONFLICT ({}) DO NOTHING RETURNING {i}, {})",
+            insert_sql(schema, rows, first),
+            quote_ident("message_id"),
+            quote_ident("message_id")
+        ));
+        first += rows.columns.len();
+    }
+    let condition = (0..tables.len())
+        .map(|i| format!("(SELECT count(*) FROM w{i})"))
+        .collect::<Vec<_>>()
+        .join(" + ");
+    let condition = format!("{condition} >= 0");
+    let rows = Rows {
+        count: loads.len(),
+        first,
+        condition: Some(&condition),
+    };
+    sql.push_str(&format!(
+        ", loads AS ({}) ",
+        upsert_loads_sql(Dialect::Postgres, schema, &rows)
+    ));
+    sql.push_str(
+        &(0..tables.len())
+            .map(|i| format!("SELECT * FROM w{i}"))
+            .collect::<Vec<_>>()
+            .join(" UNION ALL "),
+    );
+    let mut query = sqlx::query_as(AssertSqlSafe(sql));
+    for rows in tables {
+        query = bind_rows(query, rows);
+    }
+    let inserted: Vec<(i32, String)> =
+        bind_loads!(query, loads, minute_of(at), |t: DateTime<Utc>| t)
+            .fetch_all(pool)
+            .await?;
+    let inserted: std::collections::HashSet<(usize, &str)> = inserted
+        .iter()
+        .map(|(i, id)| (usize::try_from(*i).unwrap_or(usize::MAX), id.as_str()))
+        .collect();
+    let mut tx = None;
+    for (i, rows) in tables.iter().enumerate() {
+        let (existing, items_of): (Vec<_>, Vec<usize>) = rows
+            .rows
+            .iter()
+            .zip(&rows.items)
+            .filter(|(_, item)| !inserted.contains(&(i, items[**item].record.message_id.as_str())))
+            .map(|(row, item)| (row.clone(), *item))
+            .unzip();
+        if existing.is_empty() {
+            continue;
+        }
+        let redelivered = TableRows {
+            rows: existing,
+            items: items_of,
+            ..rows.clone()
+        };
+        if tx.is_none() {
+            tx = Some(pool.begin().await?);
+        }
+        if let Some(tx) = tx.as_mut() {
+            insert(tx, schema, &redelivered).await?;
+        }
+    }
+    match tx {
+        Some(tx) => tx.commit().await,
+        None => Ok(()),
+    }
+}
+
+/// The `INSERT` of one table's rows without its conflict clause, its parameters (one array
+/// per column) numbered from `first`. The arrays are expanded by `unnest` in the select list,
+/// which PostgreSQL runs in lockstep without materializing each one (as `FROM UNNEST(...)`
+/// does).
+fn insert_sql(schema: &str, rows: &TableRows<'_>, first: usize) -> String {
     let names = rows
         .columns
         .iter()
@@ -139,21 +281,23 @@ pub(super) async fn insert(
         .iter()
         .enumerate()
         .map(|(i, (_, ty))| match ty {
-            ColumnType::Json => format!("${}::text[]::jsonb[]", i + 1),
-            other => format!("${}::{}[]", i + 1, other.sql()),
+            ColumnType::Json => format!("unnest(${}::text[]::jsonb[])", first + i),
+            other => format!("unnest(${}::{}[])", first + i, other.sql()),
         })
         .collect::<Vec<_>>()
         .join(", ");
-    let sql = format!(
-        "INSERT INTO {} AS t ({names}) SELECT * FROM UNNEST({arrays}){}",
+    format!(
+        "INSERT INTO {} AS t ({names}) SELECT {arrays}",
         qualified(schema, rows.table.name()),
-        on_conflict_sql(rows)
-    );
-    let mut query = sqlx::query(AssertSqlSafe(sql));
+    )
+}
+
+/// Binds one array per column of `rows`, in column order.
+fn bind_rows<'q, Q: Bind<'q>>(mut query: Q, rows: &'q TableRows<'_>) -> Q {
     for (i, (_, ty)) in rows.columns.iter().enumerate() {
         let cells = rows.rows.iter().map(|row| row[i].as_deref());
         query = match ty {
-            ColumnType::Text | ColumnType::Json => query.bind(
+            ColumnType::Text | ColumnType::Json => query.bind_value(
                 cells
                     .map(|v| match v {
                         Some(SqlValue::Text(s) | SqlValue::Json(s)) => Some(s.as_str()),
@@ -161,7 +305,7 @@ pub(super) async fn insert(
                     })
                     .collect::<Vec<_>>(),
             ),
-            ColumnType::BigInt => query.bind(
+            ColumnType::BigInt => query.bind_value(
                 cells
                     .map(|v| match v {
                         Some(SqlValue::BigInt(n)) => Some(*n),
@@ -169,7 +313,7 @@ pub(super) async fn insert(
                     })
                     .collect::<Vec<_>>(),
             ),
-            ColumnType::Double => query.bind(
+            ColumnType::Double => query.bind_value(
                 cells
                     .map(|v| match v {
                         Some(SqlValue::Double(n)) => Some(*n),
@@ -177,7 +321,7 @@ pub(super) async fn insert(
                     })
                     .collect::<Vec<_>>(),
             ),
-            ColumnType::Boolean => query.bind(
+            ColumnType::Boolean => query.bind_value(
                 cells
                     .map(|v| match v {
                         Some(SqlValue::Boolean(b)) => Some(*b),
@@ -185,7 +329,7 @@ pub(super) async fn insert(
                     })
                     .collect::<Vec<_>>(),
             ),
-            ColumnType::Timestamp => query.bind(
+            ColumnType::Timestamp => query.bind_value(
                 cells
                     .map(|v| match v {
                         Some(SqlValue::Timestamp(t)) => Some(*t),
@@ -195,7 +339,32 @@ pub(super) async fn insert(
             ),
         };
     }
-    query.execute(&mut **tx).await.map(drop)
+    query
+}
+
+/// A query that takes parameters: [`sqlx::query::Query`] and [`sqlx::query::QueryAs`].
+trait Bind<'q>: Sized {
+    fn bind_value<T>(self, value: T) -> Self
+    where
+        T: 'q + sqlx::Encode<'q, Postgres> + sqlx::Type<Postgres>;
+}
+
+impl<'q> Bind<'q> for sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
+    fn bind_value<T>(self, value: T) -> Self
+    where
+        T: 'q + sqlx::Encode<'q, Postgres> + sqlx::Type<Postgres>,
+    {
+        self.bind(value)
+    }
+}
+
+impl<'q, O> Bind<'q> for sqlx::query::QueryAs<'q, Postgres, O, sqlx::postgres::PgArguments> {
+    fn bind_value<T>(self, value: T) -> Self
+    where
+        T: 'q + sqlx::Encode<'q, Postgres> + sqlx::Type<Postgres>,
+    {
+        self.bind(value)
+    }
 }
 
 /// Inserts one row into `_sdc_rejected`.
