@@ -165,6 +165,10 @@ impl Warehouse {
         requests: &[ResetRequest],
         old_rows: OldRows,
     ) -> Result<Vec<TableReset>, LoadError> {
+        if requests.is_empty() {
+            // The operator calls this at every reconcile: no DDL lock when nothing is asked.
+            return Ok(Vec::new());
+        }
         let mut tx = self.ddl_transaction().await?;
         let existing = tx.existing(&self.schema).await.map_err(|e| self.error(e))?;
         if !existing.schema || !existing.relations.contains(COLUMNS_TABLE) {
