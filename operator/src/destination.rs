@@ -267,7 +267,7 @@ fn reset_failure(error: &LoadError) -> Observation {
             Reason::TableResetFailed,
             format!("spec.tableReset could not be carried out: {message}"),
         ),
-        LoadError::DropBlocked { .. } => Observation::failed(
+        LoadError::ResetRefused(_) | LoadError::DropBlocked { .. } => Observation::failed(
             Reason::TableResetFailed,
             format!("spec.tableReset could not be carried out: {error}"),
         ),
@@ -395,8 +395,14 @@ mod tests {
             "{}",
             blocked.message
         );
-        let taken = reset_failure(&LoadError::Database("track__v0 exists".to_owned()));
+        let taken = reset_failure(&LoadError::ResetRefused("track__v0 exists".to_owned()));
         assert_eq!(taken.reason, Reason::TableResetFailed);
+        assert_eq!(
+            taken.message,
+            "spec.tableReset could not be carried out: track__v0 exists"
+        );
+        let refused = reset_failure(&LoadError::Database("duplicate key".to_owned()));
+        assert_eq!(refused.reason, Reason::TableResetFailed);
         let down = reset_failure(&LoadError::Unavailable("timeout".to_owned()));
         assert_eq!(down.reason, Reason::DatabaseUnavailable);
         assert!(

@@ -467,6 +467,29 @@ async fn an_unknown_table_is_refused_and_changes_nothing(backend: Backend) {
         .await
         .is_empty()
     );
+
+    // A kept name already taken: refused, saying what to do, and nothing changes.
+    dest.execute(
+        SCHEMA,
+        &format!(
+            "CREATE TABLE {} (x integer)",
+            qualified(SCHEMA, "track__v0")
+        ),
+    )
+    .await;
+    let error = reset(&dest, &["--table", "track"])
+        .await
+        .expect_err("refused");
+    assert!(
+        error.contains("cannot keep the rows of segment.track as track__v0")
+            && error.contains("nothing was changed")
+            && !error.contains("batch"),
+        "{error}"
+    );
+    assert_eq!(
+        versions_of(&dest, "track").await,
+        [("t1".to_owned(), Some(0))]
+    );
 }
 
 async fn reset_all_resets_every_loaded_table_in_one_step(backend: Backend) {
