@@ -642,11 +642,12 @@ pub const DELETIONS: SystemTable = SystemTable {
     primary_key: &["message_id", "table_name"],
 };
 
-/// `DELETE` of every row of an event table whose `user_id` is `$1`.
-pub fn delete_user_rows_sql(dialect: Dialect, schema: &str, table: Table) -> String {
+/// `DELETE` of every row of an event table (`track`) or of a table keeping an earlier version
+/// of one (`track__v0`) whose `user_id` is `$1`.
+pub fn delete_user_rows_sql(dialect: Dialect, schema: &str, table: &str) -> String {
     format!(
         "DELETE FROM {} WHERE {} = {}",
-        qualified(schema, table.name()),
+        qualified(schema, table),
         quote_ident("user_id"),
         dialect.placeholder(1)
     )
@@ -711,6 +712,16 @@ pub fn table_versions_sql(schema: &str) -> String {
         "SELECT {0}, max({1}) FROM {2} GROUP BY {0}",
         quote_ident("table_name"),
         quote_ident("version"),
+        qualified(schema, VERSIONS_TABLE)
+    )
+}
+
+/// `SELECT` of the tables that keep the rows of earlier table versions, as recorded in
+/// [`VERSIONS`] (`track__v0`, ...), in name order; some may have been dropped by hand since.
+pub fn kept_tables_sql(schema: &str) -> String {
+    format!(
+        "SELECT DISTINCT {0} FROM {1} WHERE {0} IS NOT NULL ORDER BY {0}",
+        quote_ident("kept_as"),
         qualified(schema, VERSIONS_TABLE)
     )
 }
@@ -1120,12 +1131,12 @@ mod tests {
     #[test]
     fn deletion_sql_quotes_identifiers_and_binds_the_user() {
         assert_eq!(
-            delete_user_rows_sql(Dialect::Postgres, "a\"b", Table::Group),
+            delete_user_rows_sql(Dialect::Postgres, "a\"b", "group"),
             "DELETE FROM \"a\"\"b\".\"group\" WHERE \"user_id\" = $1"
         );
         assert_eq!(
-            delete_user_rows_sql(Dialect::Sqlite, "s", Table::Track),
-            "DELETE FROM \"s\".\"track\" WHERE \"user_id\" = ?1"
+            delete_user_rows_sql(Dialect::Sqlite, "s", "track__v0"),
+            "DELETE FROM \"s\".\"track__v0\" WHERE \"user_id\" = ?1"
         );
         assert!(insert_deletions_sql(Dialect::Postgres, "s", 2).ends_with(
             "VALUES ($1, $2, $3, $4, $5), ($6, $7, $8, $9, $10) ON CONFLICT DO NOTHING"

@@ -52,6 +52,12 @@ pub const DISPLAY_NAME_IMMUTABLE_MESSAGE: &str = "spec.displayName is immutable 
         "rule": "has(self.schema) || (has(self.displayName) == has(oldSelf.displayName) && (!has(self.displayName) || self.displayName == oldSelf.displayName))",
         "message": DISPLAY_NAME_IMMUTABLE_MESSAGE,
     },
+    {
+        // The rule on `versions` itself runs only while it exists: this one keeps it (and
+        // `tableReset`) from being removed whole.
+        "rule": "!has(oldSelf.tableReset) || !has(oldSelf.tableReset.versions) || size(oldSelf.tableReset.versions) == 0 || (has(self.tableReset) && has(self.tableReset.versions))",
+        "message": TABLE_VERSION_DECREASE_MESSAGE,
+    },
 ]))]
 pub struct SegmentIntegrationSpec {
     /// Human name of the integration; the schema name is derived from it when `schema` is not
@@ -493,9 +499,9 @@ pub struct TableReport {
     /// records themselves, of every hour, are in `_sdc_rejected`.
     #[serde(default)]
     pub rejected_last_hour: i64,
-    /// The latest `_sdc_received_at` of any row ever loaded into it (`max(last_received_at)` in
-    /// `_sdc_loads`; RFC 3339, UTC, whole seconds): when the most recent event loaded into it
-    /// reached Sluice. Absent while nothing was loaded.
+    /// The latest `_sdc_received_at` of any row ever loaded into it since its latest reset
+    /// (`max(last_received_at)` in `_sdc_loads`; RFC 3339, UTC, whole seconds): when the most
+    /// recent event loaded into it reached Sluice. Absent while nothing was loaded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_load_time: Option<String>,
 }
@@ -650,6 +656,10 @@ mod tests {
         let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
         let rules = spec["x-kubernetes-validations"].to_string();
         assert!(rules.contains(SCHEMA_IMMUTABLE_MESSAGE), "{rules}");
+        assert!(
+            rules.contains("has(self.tableReset) && has(self.tableReset.versions)"),
+            "removing spec.tableReset.versions whole is refused: {rules}"
+        );
         assert_eq!(
             spec["properties"]["schema"]["pattern"],
             serde_json::json!(SCHEMA_NAME_PATTERN)

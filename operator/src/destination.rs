@@ -258,13 +258,18 @@ fn version_report(reset: &TableReset) -> TableVersionReport {
     }
 }
 
-/// The condition for a reset that failed: the database's reasons as for the schema, any other
-/// refusal (a kept name taken) as `TableResetFailed`.
+/// The condition for a reset that failed: a reset that cannot be carried out as asked (a kept
+/// name taken, a view on a table to drop) as `TableResetFailed`, the database's other reasons
+/// (unreachable, a privilege missing) as for the schema.
 fn reset_failure(error: &LoadError) -> Observation {
     match error {
         LoadError::Database(message) => Observation::failed(
             Reason::TableResetFailed,
             format!("spec.tableReset could not be carried out: {message}"),
+        ),
+        LoadError::ResetRefused(_) | LoadError::DropBlocked { .. } => Observation::failed(
+            Reason::TableResetFailed,
+            format!("spec.tableReset could not be carried out: {error}"),
         ),
         other => {
             let mut failure = load_failure(other);
@@ -372,6 +377,38 @@ mod tests {
             "reset table track to version 2: its 42 rows of version 1 were dropped"
         );
         assert_eq!(version_report(&reset).reset_at, "1970-01-01T00:00:00Z");
+    }
+
+    #[test]
+    fn a_reset_refused_as_asked_is_table_reset_failed_and_an_outage_is_not() {
+        let blocked = reset_failure(&LoadError::DropBlocked {
+            schema: "shop".to_owned(),
+            table: "track".to_owned(),
+            detail: "view shop.v depends on table shop.track".to_owned(),
+        });
+        assert_eq!(blocked.reason, Reason::TableResetFailed);
+        assert!(
+            blocked
+                .message
+                .starts_with("spec.tableReset could not be carried out: ")
+                && blocked.message.contains("view shop.v"),
+            "{}",
+            blocked.message
+        );
+        let taken = reset_failure(&LoadError::ResetRefused("track__v0 exists".to_owned()));
+        assert_eq!(taken.reason, Reason::TableResetFailed);
+        assert_eq!(
+            taken.message,
+            "spec.tableReset could not be carried out: track__v0 exists"
+        );
+        let refused = reset_failure(&LoadError::Database("duplicate key".to_owned()));
+        assert_eq!(refused.reason, Reason::TableResetFailed);
+        let down = reset_failure(&LoadError::Unavailable("timeout".to_owned()));
+        assert_eq!(down.reason, Reason::DatabaseUnavailable);
+        assert!(
+            down.message
+                .starts_with("spec.tableReset could not be carried out: ")
+        );
     }
 
     #[tokio::test]

@@ -528,6 +528,25 @@ pub fn ingest_binary() -> PathBuf {
     path
 }
 
+/// Runs a one-off command of the `sluice-ingest` binary (`erase`, `reset`) with `args`, on the
+/// database at `url` and `schema` (the environment's settings left out): what it printed as
+/// JSON when it succeeded, its standard error when it failed.
+pub async fn run_command(args: &[&str], url: &str, schema: &str) -> Result<Value, String> {
+    let output = tokio::process::Command::new(ingest_binary())
+        .args(args)
+        .args(["--database-url", url, "--schema", schema])
+        .env_remove("SLUICE_DATABASE_URL")
+        .env_remove("SLUICE_SCHEMA")
+        .output()
+        .await
+        .expect("run sluice-ingest");
+    if output.status.success() {
+        Ok(serde_json::from_slice(&output.stdout).expect("JSON on stdout"))
+    } else {
+        Err(String::from_utf8_lossy(&output.stderr).into_owned())
+    }
+}
+
 /// A free loopback port (bound and released; fine for tests).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

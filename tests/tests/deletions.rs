@@ -5,7 +5,7 @@
 
 use serde_json::{Value, json};
 use sluice_ingest::event::Table;
-use sluice_tests::ingest::{Backend, Destination, Row, ingest_binary, post_json, serve};
+use sluice_tests::ingest::{Backend, Destination, Row, post_json, run_command, serve};
 
 const SCHEMA: &str = "segment";
 
@@ -257,27 +257,9 @@ async fn erase_deletes_a_users_rows_from_the_command_line(backend: Backend) {
     );
     server.stop().await;
 
-    let output = tokio::process::Command::new(ingest_binary())
-        .args([
-            "erase",
-            "--user-id",
-            "u2",
-            "--database-url",
-            &dest.url,
-            "--schema",
-            SCHEMA,
-        ])
-        .env_remove("SLUICE_DATABASE_URL")
-        .env_remove("SLUICE_SCHEMA")
-        .output()
+    let printed = run_command(&["erase", "--user-id", "u2"], &dest.url, SCHEMA)
         .await
-        .expect("run sluice-ingest erase");
-    assert!(
-        output.status.success(),
-        "erase failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let printed: Value = serde_json::from_slice(&output.stdout).expect("JSON on stdout");
+        .unwrap_or_else(|stderr| panic!("erase failed: {stderr}"));
     assert_eq!(
         printed["deleted"],
         json!({"group": 1, "identify": 1, "page": 1, "screen": 0, "track": 1})

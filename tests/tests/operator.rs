@@ -41,7 +41,7 @@ use sluice_tests::postgres::fresh_database;
 use tokio::sync::oneshot;
 
 mod support;
-use support::{IMAGE, condition, integration, report_pods_available, run_operator};
+use support::{IMAGE, condition, integration, query_texts, report_pods_available, run_operator};
 
 /// A namespace of the test's own with the CRD in place and the operator watching it. The
 /// operator stops when this is dropped.
@@ -732,16 +732,6 @@ async fn deletion_with_drop_drops_the_schema_and_removes_the_finalizer() {
     .await
     .expect("count schemas");
     assert_eq!(schemas, 0, "the schema is dropped");
-}
-
-/// Runs `sql` in the database at `url` (as the test server's superuser) and returns the first
-/// column of each row as text.
-async fn query_texts(url: &str, sql: &str) -> Vec<String> {
-    let warehouse = Warehouse::connect(url, "public", 1).expect("warehouse");
-    sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
-        .fetch_all(warehouse.postgres_pool().expect("postgres"))
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
 }
 
 async fn schema_exists(url: &str, schema: &str) -> bool {

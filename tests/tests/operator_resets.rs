@@ -6,7 +6,6 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::{ApiResource, DynamicObject, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
-use sluice_ingest::load::Warehouse;
 use sluice_operator::SegmentIntegration;
 use sluice_operator::crd::{ConditionStatus, TABLE_VERSION_DECREASE_MESSAGE};
 use sluice_operator::metrics::Metrics;
@@ -14,7 +13,7 @@ use sluice_tests::kube::{admin_client, api_status, eventually, put_url_secret};
 use sluice_tests::postgres::fresh_database;
 
 mod support;
-use support::{condition, integration, run_operator};
+use support::{condition, integration, query_texts, run_operator};
 
 fn spec(extra: Value) -> Value {
     let mut spec =
@@ -36,15 +35,6 @@ async fn patch_spec(
         &Patch::Merge(json!({ "spec": spec })),
     )
     .await
-}
-
-/// The first column, as text, of each row `sql` returns in the database at `url`.
-async fn texts(url: &str, sql: &str) -> Vec<String> {
-    let warehouse = Warehouse::connect(url, "public", 1).expect("warehouse");
-    sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
-        .fetch_all(warehouse.postgres_pool().expect("postgres"))
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
 }
 
 /// The Events about `name` with `reason`.
@@ -108,6 +98,8 @@ async fn the_api_server_refuses_unknown_tables_and_lower_versions() {
     for (change, what) in [
         (json!({"versions": {"track": 1}}), "lowering a version"),
         (json!({"versions": {"track": null}}), "removing a table"),
+        (json!({"versions": null}), "removing every version"),
+        (Value::Null, "removing tableReset"),
     ] {
         let status = api_status(patch_spec(&api, "shop", json!({"tableReset": change})).await);
         assert_eq!(status.code, 422, "{what}: {status:?}");
@@ -153,7 +145,7 @@ async fn raising_a_table_version_makes_the_operator_reset_the_table_once() {
     })
     .await;
     // Rows as the ingest would have loaded them.
-    texts(
+    query_texts(
         &url,
         "INSERT INTO shop.track (message_id) VALUES ('a'), ('b') RETURNING message_id",
     )
@@ -183,7 +175,7 @@ async fn raising_a_table_version_makes_the_operator_reset_the_table_once() {
     assert_eq!(reported.previous_rows, 2);
     assert!(!reported.reset_at.is_empty());
     assert_eq!(
-        texts(
+        query_texts(
             &url,
             "SELECT message_id || ':' || _sdc_table_version FROM shop.track__v0 ORDER BY 1"
         )
@@ -191,17 +183,17 @@ async fn raising_a_table_version_makes_the_operator_reset_the_table_once() {
         ["a:0", "b:0"]
     );
     assert!(
-        texts(&url, "SELECT message_id FROM shop.track")
+        query_texts(&url, "SELECT message_id FROM shop.track")
             .await
             .is_empty()
     );
-    texts(
+    query_texts(
         &url,
         "INSERT INTO shop.track (message_id) VALUES ('c') RETURNING message_id",
     )
     .await;
     assert_eq!(
-        texts(&url, "SELECT _sdc_table_version::text FROM shop.track").await,
+        query_texts(&url, "SELECT _sdc_table_version::text FROM shop.track").await,
         ["1"]
     );
     eventually("one TableReset Event", || async {
@@ -226,12 +218,12 @@ async fn raising_a_table_version_makes_the_operator_reset_the_table_once() {
     })
     .await;
     assert_eq!(
-        texts(&url, "SELECT message_id FROM shop.track").await,
+        query_texts(&url, "SELECT message_id FROM shop.track").await,
         ["c"],
         "the table was not reset again"
     );
     assert_eq!(
-        texts(
+        query_texts(
             &url,
             "SELECT table_name || ':' || version FROM shop._sdc_table_versions"
         )
@@ -247,7 +239,7 @@ async fn raising_a_table_version_makes_the_operator_reset_the_table_once() {
     );
 
     // A reset that cannot be carried out is a condition and a Warning Event, and changes nothing.
-    texts(&url, "CREATE TABLE shop.track__v1 (x int)").await;
+    query_texts(&url, "CREATE TABLE shop.track__v1 (x int)").await;
     patch_spec(
         &api,
         "shop",
@@ -272,11 +264,11 @@ async fn raising_a_table_version_makes_the_operator_reset_the_table_once() {
     })
     .await;
     assert_eq!(
-        texts(&url, "SELECT message_id FROM shop.track").await,
+        query_texts(&url, "SELECT message_id FROM shop.track").await,
         ["c"]
     );
     // Once the name is free, the reset is carried out.
-    texts(&url, "DROP TABLE shop.track__v1").await;
+    query_texts(&url, "DROP TABLE shop.track__v1").await;
     eventually("track at version 2", || async {
         let si = api.get("shop").await.ok()?;
         let ready = condition(&si, "SchemaReady")?.status == ConditionStatus::True;
@@ -285,7 +277,7 @@ async fn raising_a_table_version_makes_the_operator_reset_the_table_once() {
     })
     .await;
     assert_eq!(
-        texts(&url, "SELECT message_id FROM shop.track__v1").await,
+        query_texts(&url, "SELECT message_id FROM shop.track__v1").await,
         ["c"]
     );
 }

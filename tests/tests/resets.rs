@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use sluice_ingest::event::Table;
 use sluice_ingest::schema::{base_columns, qualified};
-use sluice_tests::ingest::{Backend, Destination, ingest_binary, post_json, serve};
+use sluice_tests::ingest::{Backend, Destination, post_json, run_command, serve};
 use sluice_tests::sender::{Retry, Stream, start_streams, stop_streams};
 use tokio::sync::watch;
 
@@ -20,20 +20,8 @@ const SCHEMA: &str = "segment";
 /// Runs `sluice-ingest reset` with `args` on `dest`; its JSON on success, its standard error on
 /// failure.
 async fn reset(dest: &Destination, args: &[&str]) -> Result<Value, String> {
-    let output = tokio::process::Command::new(ingest_binary())
-        .arg("reset")
-        .args(args)
-        .args(["--database-url", &dest.url, "--schema", SCHEMA])
-        .env_remove("SLUICE_DATABASE_URL")
-        .env_remove("SLUICE_SCHEMA")
-        .output()
-        .await
-        .expect("run sluice-ingest reset");
-    if output.status.success() {
-        Ok(serde_json::from_slice(&output.stdout).expect("JSON on stdout"))
-    } else {
-        Err(String::from_utf8_lossy(&output.stderr).into_owned())
-    }
+    let args: Vec<&str> = ["reset"].iter().chain(args).copied().collect();
+    run_command(&args, &dest.url, SCHEMA).await
 }
 
 /// `(message_id, _sdc_table_version)` of every row of the table `name`.
@@ -391,6 +379,55 @@ async fn a_second_reset_keeps_each_version_under_its_own_name(backend: Backend) 
     }
 }
 
+/// A user deletion request deletes the user's rows kept from earlier versions as well.
+async fn a_user_deletion_reaches_the_rows_of_earlier_versions(backend: Backend) {
+    let (dest, server) = serve(backend, "reset_erase", &[]).await;
+    let url = server.url("/v1/webhook");
+    let mut other = track("o1");
+    other["userId"] = json!("u2");
+    let (status, answer) = post_json(&url, &json!([track("a1"), track("a2"), other])).await;
+    assert_eq!(status, 200, "{answer}");
+    reset(&dest, &["--table", "track"])
+        .await
+        .expect("first reset");
+    load(&url, &["b1"]).await;
+    reset(&dest, &["--table", "track"])
+        .await
+        .expect("second reset");
+    load(&url, &["c1"]).await;
+    server.stop().await;
+
+    let printed = run_command(&["erase", "--user-id", "u1"], &dest.url, SCHEMA)
+        .await
+        .expect("erase");
+    assert_eq!(printed["deleted"]["track"], 1, "{printed}");
+    assert_eq!(printed["deleted"]["track__v0"], 2, "{printed}");
+    assert_eq!(printed["deleted"]["track__v1"], 1, "{printed}");
+    assert!(versions_of(&dest, "track").await.is_empty());
+    assert!(versions_of(&dest, "track__v1").await.is_empty());
+    assert_eq!(
+        versions_of(&dest, "track__v0").await,
+        [("o1".to_owned(), Some(0))],
+        "the other user's row stays"
+    );
+    let recorded = query(
+        &dest,
+        &format!(
+            "SELECT table_name, rows_deleted FROM {} WHERE table_name LIKE 'track%' ORDER BY 1",
+            qualified(SCHEMA, "_sdc_deletions")
+        ),
+    )
+    .await;
+    assert_eq!(
+        recorded,
+        [
+            ("track".to_owned(), Some(1)),
+            ("track__v0".to_owned(), Some(2)),
+            ("track__v1".to_owned(), Some(1))
+        ]
+    );
+}
+
 async fn an_unknown_table_is_refused_and_changes_nothing(backend: Backend) {
     let (dest, server) = serve(backend, "reset_unknown", &[]).await;
     load(&server.url("/v1/webhook"), &["t1"]).await;
@@ -429,6 +466,29 @@ async fn an_unknown_table_is_refused_and_changes_nothing(backend: Backend) {
         )
         .await
         .is_empty()
+    );
+
+    // A kept name already taken: refused, saying what to do, and nothing changes.
+    dest.execute(
+        SCHEMA,
+        &format!(
+            "CREATE TABLE {} (x integer)",
+            qualified(SCHEMA, "track__v0")
+        ),
+    )
+    .await;
+    let error = reset(&dest, &["--table", "track"])
+        .await
+        .expect_err("refused");
+    assert!(
+        error.contains("cannot keep the rows of segment.track as track__v0")
+            && error.contains("nothing was changed")
+            && !error.contains("batch"),
+        "{error}"
+    );
+    assert_eq!(
+        versions_of(&dest, "track").await,
+        [("t1".to_owned(), Some(0))]
     );
 }
 
@@ -485,6 +545,7 @@ sluice_tests::on_both_backends!(
     a_reset_with_drop_old_discards_the_rows_and_what_describes_them,
     a_table_not_created_yet_is_created_at_the_new_version,
     a_second_reset_keeps_each_version_under_its_own_name,
+    a_user_deletion_reaches_the_rows_of_earlier_versions,
     an_unknown_table_is_refused_and_changes_nothing,
     reset_all_resets_every_loaded_table_in_one_step,
 );

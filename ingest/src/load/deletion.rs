@@ -1,5 +1,6 @@
 //! User deletion requests: every row of one `user_id` deleted from every event table of the
-//! schema, and the request recorded in `_sdc_deletions`, in one transaction.
+//! schema and from the tables that keep earlier versions of them (`track__v0`, see
+//! [`super::reset`]), and the request recorded in `_sdc_deletions`, in one transaction.
 //!
 //! A request is identified by its message id. One already recorded is not carried out again:
 //! its recorded counts are returned as they were, so a redelivery changes nothing (and rows of
@@ -34,7 +35,8 @@ pub struct Deletion {
     pub message_id: String,
     /// The user whose rows were deleted.
     pub user_id: String,
-    /// Rows deleted per event table (every event table of the schema, 0 included).
+    /// Rows deleted per event table (every event table of the schema, 0 included), and per
+    /// table keeping an earlier version of one (`track__v0`, see [`super::reset`]).
     pub deleted: BTreeMap<String, i64>,
     /// Whether the request had been carried out before (a redelivery): then nothing was
     /// deleted now, and `deleted` is what the first time deleted.
@@ -42,8 +44,9 @@ pub struct Deletion {
 }
 
 impl Warehouse {
-    /// Deletes every row of the request's user from every event table of the schema and
-    /// records the counts in `_sdc_deletions`, in one transaction; returns after the commit. A
+    /// Deletes every row of the request's user from every event table of the schema and from
+    /// the tables that keep their earlier versions, and records the counts in `_sdc_deletions`,
+    /// in one transaction; returns after the commit. A
     /// request whose message id is already recorded is not carried out again.
     pub async fn delete_user(&self, request: &DeletionRequest) -> Result<Deletion, LoadError> {
         let catalog = self.catalog().await?;
@@ -82,7 +85,7 @@ impl Warehouse {
         let mut deleted = BTreeMap::new();
         for table in tables {
             let rows = tx
-                .delete_user_rows(&self.schema, table, &request.user_id)
+                .delete_user_rows(&self.schema, table.name(), &request.user_id)
                 .await
                 .map_err(|e| self.error(e))?;
             tx.count_deletion(&self.schema, &request.message_id, table, rows)
@@ -90,6 +93,25 @@ impl Warehouse {
                 .map_err(|e| self.error(e))?;
             deleted.insert(table.name().to_owned(), rows);
         }
+        // The rows of earlier table versions that resets kept (`track__v0`) are the user's rows
+        // too. Read after the event tables' deletions, which waited for any reset under way (it
+        // locks them), so a table it kept is listed; a later reset waits for this transaction.
+        let mut kept = BTreeMap::new();
+        for name in tx
+            .kept_tables(&self.schema)
+            .await
+            .map_err(|e| self.error(e))?
+        {
+            let rows = tx
+                .delete_user_rows(&self.schema, &name, &request.user_id)
+                .await
+                .map_err(|e| self.error(e))?;
+            kept.insert(name, rows);
+        }
+        tx.record_deletion(&self.schema, request, &kept, Utc::now())
+            .await
+            .map_err(|e| self.error(e))?;
+        deleted.extend(kept);
         tx.commit().await.map_err(|e| self.error(e))?;
         Ok(Deletion {
             message_id: request.message_id.clone(),
@@ -133,11 +155,37 @@ impl Tx {
         Ok(Some((user_id, counts)))
     }
 
-    /// Deletes the rows of `user_id` from `table`; returns how many.
+    /// The tables that keep the rows of earlier table versions (`track__v0`) and still exist,
+    /// in name order; none when no table was ever reset.
+    async fn kept_tables(&mut self, schema: &str) -> Result<Vec<String>, sqlx::Error> {
+        let existing = self.existing(schema).await?;
+        if !existing.relations.contains(schema::VERSIONS_TABLE) {
+            return Ok(Vec::new());
+        }
+        let sql = schema::kept_tables_sql(schema);
+        let names: Vec<String> = match self {
+            Tx::Postgres(tx) => {
+                sqlx::query_scalar(AssertSqlSafe(sql))
+                    .fetch_all(&mut **tx)
+                    .await?
+            }
+            Tx::Sqlite(tx) => {
+                sqlx::query_scalar(AssertSqlSafe(sql))
+                    .fetch_all(&mut **tx)
+                    .await?
+            }
+        };
+        Ok(names
+            .into_iter()
+            .filter(|name| existing.relations.contains(name))
+            .collect())
+    }
+
+    /// Deletes the rows of `user_id` from the table `table`; returns how many.
     async fn delete_user_rows(
         &mut self,
         schema: &str,
-        table: Table,
+        table: &str,
         user_id: &str,
     ) -> Result<i64, sqlx::Error> {
         let sql = schema::delete_user_rows_sql(self.dialect(), schema, table);

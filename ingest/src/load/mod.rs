@@ -76,6 +76,10 @@ pub enum LoadError {
     /// The database answered with an error that retrying will not fix without a change.
     #[error("the database refused the batch: {0}")]
     Database(String),
+    /// A table reset cannot be carried out as asked (a kept name taken, the schema not prepared);
+    /// nothing was changed. The message says what to do.
+    #[error("{0}")]
+    ResetRefused(String),
     /// The queue has no room for the events; the sender should retry later.
     #[error("the load queue is full")]
     QueueFull,

@@ -25,7 +25,7 @@
 
 use std::collections::BTreeMap;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::AssertSqlSafe;
 
@@ -82,7 +82,7 @@ pub struct TableReset {
 
 /// Why a reset cannot be carried out as asked, before anything changed.
 fn refused(reason: String) -> LoadError {
-    LoadError::Database(reason)
+    LoadError::ResetRefused(reason)
 }
 
 impl Warehouse {
@@ -156,15 +156,19 @@ impl Warehouse {
     /// Resets the `requests`' tables in one transaction (see the [module](self)), doing
     /// `old_rows` with the rows of the versions it ends; returns what it did per table, in table
     /// order, leaving out a table already at its requested version. The schema must have been
-    /// prepared (by the service or the operator). Errors: a table whose kept name is taken
-    /// (nothing changed), a view on a table to drop ([`LoadError::DropBlocked`]), the database
-    /// unavailable or a lock not granted within the statement timeout
-    /// ([`LoadError::Unavailable`]; nothing changed, retry).
+    /// prepared (by the service or the operator). Errors, each with nothing changed: a table
+    /// whose kept name is taken or the schema not prepared ([`LoadError::ResetRefused`]), a
+    /// view on a table to drop ([`LoadError::DropBlocked`]), the database unavailable or a lock
+    /// not granted within the statement timeout ([`LoadError::Unavailable`]; retry).
     pub async fn reset_tables(
         &self,
         requests: &[ResetRequest],
         old_rows: OldRows,
     ) -> Result<Vec<TableReset>, LoadError> {
+        if requests.is_empty() {
+            // The operator calls this at every reconcile: no DDL lock when nothing is asked.
+            return Ok(Vec::new());
+        }
         let mut tx = self.ddl_transaction().await?;
         let existing = tx.existing(&self.schema).await.map_err(|e| self.error(e))?;
         if !existing.schema || !existing.relations.contains(COLUMNS_TABLE) {
@@ -229,7 +233,8 @@ impl Warehouse {
             .await
             .map_err(|e| self.error(e))?;
         }
-        let reset_at = Utc::now();
+        // Microseconds, as both databases store it: what is printed is what is recorded.
+        let reset_at = Utc::now().trunc_subsecs(6);
         let mut resets = Vec::new();
         for (table, (from, to)) in plan {
             let exists = present.contains(&table.name());

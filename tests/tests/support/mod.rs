@@ -1,6 +1,7 @@
-//! What the operator's integration tests (operator.rs, chart.rs, leader.rs) share: a namespace
-//! with the CRD, the operator running in-process on it, and reading an integration's conditions.
-//! Each test binary uses part of it.
+//! What the operator's integration tests (operator.rs, operator_resets.rs, chart.rs, leader.rs,
+//! operator_faults.rs) share: a namespace with the CRD, the operator running in-process on it,
+//! reading an integration's conditions, and querying the warehouse. Each test binary uses part
+//! of it.
 #![allow(dead_code)]
 
 use std::sync::Arc;
@@ -93,4 +94,14 @@ pub async fn report_pods_available(deployments: &Api<Deployment>, name: &str) ->
         )
         .await
         .map(drop)
+}
+
+/// Runs `sql` in the PostgreSQL database at `url` (as the test server's superuser) and returns
+/// the first column of each row as text.
+pub async fn query_texts(url: &str, sql: &str) -> Vec<String> {
+    let warehouse = sluice_ingest::load::Warehouse::connect(url, "public", 1).expect("warehouse");
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
+        .fetch_all(warehouse.postgres_pool().expect("postgres"))
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
 }
