@@ -8,8 +8,9 @@ use sluice_ingest::load::OldRows;
 use sluice_ingest::{Config, erase, reset, run};
 use tracing_subscriber::EnvFilter;
 
-/// mimalloc instead of the C library's allocator: the per-request allocations of parsing and
-/// flattening events cost a fifth of the CPU of a request with glibc's malloc.
+/// mimalloc instead of the C library's allocator: parsing and flattening events allocate many
+/// small values, and with glibc's malloc the ingest spent about a quarter more CPU per event
+/// (README, "Benchmark").
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

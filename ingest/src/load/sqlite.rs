@@ -117,7 +117,24 @@ pub(super) async fn catalog(
     ))
 }
 
-/// Upserts one table's rows, in statements of as many rows as SQLite's parameter cap allows.
+/// `items` in chunks whose lengths are powers of two, each at most `most` long and as long as
+/// possible: 37 items, at most 100 a chunk, are chunks of 32, 4 and 1.
+fn power_of_two_chunks<T>(items: &[T], most: usize) -> impl Iterator<Item = &[T]> {
+    let mut rest = items;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let length = 1 << rest.len().min(most.max(1)).ilog2();
+        let (chunk, tail) = rest.split_at(length);
+        rest = tail;
+        Some(chunk)
+    })
+}
+
+/// Upserts one table's rows, in statements of a power of two rows each, as many as SQLite's
+/// parameter cap allows: prepared statements are cached per connection by their text, so the
+/// number of different texts (one per row count) stays small, and so does the memory they hold.
 pub(super) async fn insert(
     tx: &mut Transaction<'static, Sqlite>,
     schema: &str,
@@ -131,8 +148,7 @@ pub(super) async fn insert(
         .collect::<Vec<_>>()
         .join(", ");
     let tuple = format!("({})", vec!["?"; width].join(", "));
-    let per_statement = (MAX_PARAMETERS / width.max(1)).max(1);
-    for chunk in rows.rows.chunks(per_statement) {
+    for chunk in power_of_two_chunks(&rows.rows, (MAX_PARAMETERS / width.max(1)).max(1)) {
         let sql = format!(
             "INSERT INTO {} AS t ({names}) VALUES {}{}",
             qualified(schema, rows.table.name()),
@@ -180,6 +196,21 @@ pub(super) async fn insert_rejected(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rows_go_in_chunks_of_powers_of_two() {
+        let lengths = |n: usize, most: usize| -> Vec<usize> {
+            let items = vec![0; n];
+            power_of_two_chunks(&items, most)
+                .map(<[i32]>::len)
+                .collect()
+        };
+        assert_eq!(lengths(37, 100), [32, 4, 1]);
+        assert_eq!(lengths(300, 100), [64, 64, 64, 64, 32, 8, 4]);
+        assert_eq!(lengths(1, 1), [1]);
+        assert_eq!(lengths(3, 0), [1, 1, 1]);
+        assert!(lengths(0, 10).is_empty());
+    }
 
     #[test]
     fn urls_name_a_file() {
