@@ -3,8 +3,10 @@
 #
 #   bash tests/bench.sh [ingest|operator|all]     (default: all)
 #
-# ingest:   tests/benches/ingest.rs drives a release sluice-ingest into a throwaway PostgreSQL
-#           (knobs BENCH_EVENTS, BENCH_CLIENTS, BENCH_BATCH)
+# ingest:   tests/benches/ingest.rs drives release sluice-ingest processes: the no-database
+#           ceiling, a throwaway PostgreSQL (with the COPY ceiling and schema evolution), SQLite
+#           (with a plain insert); knobs BENCH_EVENTS, BENCH_CLIENTS, BENCH_BATCH, and
+#           SLUICE_INGEST_BIN to run another build
 # operator: operator/benches/reconcile.rs creates BENCH_INTEGRATIONS (300) SegmentIntegrations for
 #           a release sluice-operator against the real API server and PostgreSQL
 set -euo pipefail
