@@ -163,20 +163,10 @@ impl Tx {
             return Ok(Vec::new());
         }
         let sql = schema::kept_tables_sql(schema);
-        let names: Vec<String> = match self {
-            Tx::Postgres(tx) => {
-                sqlx::query_scalar(AssertSqlSafe(sql))
-                    .fetch_all(&mut **tx)
-                    .await?
-            }
-            Tx::Sqlite(tx) => {
-                sqlx::query_scalar(AssertSqlSafe(sql))
-                    .fetch_all(&mut **tx)
-                    .await?
-            }
-        };
+        let names: Vec<(String,)> = self.fetch_all(sql).await?;
         Ok(names
             .into_iter()
+            .map(|(name,)| name)
             .filter(|name| existing.relations.contains(name))
             .collect())
     }

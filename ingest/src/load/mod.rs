@@ -523,6 +523,16 @@ impl Warehouse {
         since: DateTime<Utc>,
     ) -> Result<Vec<(String, i64)>, LoadError> {
         let sql = schema::refusals_since_sql(self.dialect(), &self.schema);
+        self.fetch_since(sql, since).await
+    }
+
+    /// The rows of `sql`, whose one parameter is the time `since` (as each database stores
+    /// times).
+    async fn fetch_since<T>(&self, sql: String, since: DateTime<Utc>) -> Result<Vec<T>, LoadError>
+    where
+        T: Send + Unpin + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
+        T: for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow>,
+    {
         match &self.pool {
             Pool::Postgres(pool) => {
                 sqlx::query_as(AssertSqlSafe(sql))
@@ -546,21 +556,7 @@ impl Warehouse {
     pub async fn loads_since(&self, since: DateTime<Utc>) -> Result<Vec<LoadFigures>, LoadError> {
         let sql = schema::loads_report_sql(self.dialect(), &self.schema);
         type Row = (String, i64, i64, Option<DateTime<Utc>>);
-        let rows: Vec<Row> = match &self.pool {
-            Pool::Postgres(pool) => {
-                sqlx::query_as(AssertSqlSafe(sql))
-                    .bind(since)
-                    .fetch_all(pool)
-                    .await
-            }
-            Pool::Sqlite(pool) => {
-                sqlx::query_as(AssertSqlSafe(sql))
-                    .bind(crate::normalize::format_timestamp(&since))
-                    .fetch_all(pool)
-                    .await
-            }
-        }
-        .map_err(|e| self.error(e))?;
+        let rows: Vec<Row> = self.fetch_since(sql, since).await?;
         Ok(rows
             .into_iter()
             .map(
@@ -887,24 +883,33 @@ impl Tx {
         Ok(())
     }
 
+    /// The rows of `sql`, a query without parameters.
+    async fn fetch_all<T>(&mut self, sql: String) -> Result<Vec<T>, sqlx::Error>
+    where
+        T: Send + Unpin + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
+        T: for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow>,
+    {
+        match self {
+            Tx::Postgres(tx) => {
+                sqlx::query_as(AssertSqlSafe(sql))
+                    .fetch_all(&mut **tx)
+                    .await
+            }
+            Tx::Sqlite(tx) => {
+                sqlx::query_as(AssertSqlSafe(sql))
+                    .fetch_all(&mut **tx)
+                    .await
+            }
+        }
+    }
+
     /// The [`ColumnsFingerprint`] of every table recorded in `_sdc_columns`.
     async fn columns_fingerprints(
         &mut self,
         schema: &str,
     ) -> Result<HashMap<Table, ColumnsFingerprint>, sqlx::Error> {
         let sql = schema::columns_fingerprints_sql(schema);
-        let rows: Vec<(String, i64, Option<String>)> = match self {
-            Tx::Postgres(tx) => {
-                sqlx::query_as(AssertSqlSafe(sql))
-                    .fetch_all(&mut **tx)
-                    .await?
-            }
-            Tx::Sqlite(tx) => {
-                sqlx::query_as(AssertSqlSafe(sql))
-                    .fetch_all(&mut **tx)
-                    .await?
-            }
-        };
+        let rows: Vec<(String, i64, Option<String>)> = self.fetch_all(sql).await?;
         Ok(rows
             .into_iter()
             .filter_map(|(table, records, last_added_at)| {

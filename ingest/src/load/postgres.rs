@@ -235,34 +235,36 @@ pub(super) async fn load(
         .iter()
         .map(|(i, id)| (usize::try_from(*i).unwrap_or(usize::MAX), id.as_str()))
         .collect();
-    let mut tx = None;
-    for (i, rows) in tables.iter().enumerate() {
-        let (existing, items_of): (Vec<_>, Vec<usize>) = rows
-            .rows
-            .iter()
-            .zip(&rows.items)
-            .filter(|(_, item)| !inserted.contains(&(i, items[**item].record.message_id.as_str())))
-            .map(|(row, item)| (row.clone(), *item))
-            .unzip();
-        if existing.is_empty() {
-            continue;
-        }
-        let redelivered = TableRows {
-            rows: existing,
-            items: items_of,
-            ..rows.clone()
-        };
-        if tx.is_none() {
-            tx = Some(pool.begin().await?);
-        }
-        if let Some(tx) = tx.as_mut() {
-            insert(tx, schema, &redelivered).await?;
-        }
+    let redelivered: Vec<TableRows<'_>> = tables
+        .iter()
+        .enumerate()
+        .filter_map(|(i, rows)| {
+            let (kept, kept_items): (Vec<_>, Vec<usize>) = rows
+                .rows
+                .iter()
+                .zip(&rows.items)
+                .filter(|&(_, &item)| {
+                    !inserted.contains(&(i, items[item].record.message_id.as_str()))
+                })
+                .map(|(row, &item)| (row.clone(), item))
+                .unzip();
+            (!kept.is_empty()).then(|| TableRows {
+                table: rows.table,
+                columns: rows.columns.clone(),
+                rows: kept,
+                items: kept_items,
+                update_columns: rows.update_columns.clone(),
+            })
+        })
+        .collect();
+    if redelivered.is_empty() {
+        return Ok(());
     }
-    match tx {
-        Some(tx) => tx.commit().await,
-        None => Ok(()),
+    let mut tx = pool.begin().await?;
+    for rows in &redelivered {
+        insert(&mut tx, schema, rows).await?;
     }
+    tx.commit().await
 }
 
 /// The `INSERT` of one table's rows without its conflict clause, its parameters (one array

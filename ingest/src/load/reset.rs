@@ -353,18 +353,7 @@ impl Tx {
         schema: &str,
     ) -> Result<BTreeMap<Table, i64>, sqlx::Error> {
         let sql = schema::table_versions_sql(schema);
-        let rows: Vec<(String, i64)> = match self {
-            Tx::Postgres(tx) => {
-                sqlx::query_as(AssertSqlSafe(sql))
-                    .fetch_all(&mut **tx)
-                    .await?
-            }
-            Tx::Sqlite(tx) => {
-                sqlx::query_as(AssertSqlSafe(sql))
-                    .fetch_all(&mut **tx)
-                    .await?
-            }
-        };
+        let rows: Vec<(String, i64)> = self.fetch_all(sql).await?;
         Ok(rows
             .into_iter()
             .filter_map(|(table, version)| Some((table.parse().ok()?, version)))
