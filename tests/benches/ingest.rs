@@ -352,6 +352,29 @@ async fn copy_ceiling(url: &str, rows: usize) -> f64 {
     rows as f64 / seconds
 }
 
+/// The floor under schema evolution: adds `columns` text columns, 16 per `ALTER TABLE` (what a
+/// batch of 8 events with two new keys each needs), each statement committed on its own, to
+/// `bench.ddl_target` (made beforehand as a copy of the evolving table's shape), from one
+/// connection with nothing else running; returns the seconds. No loader can evolve the same
+/// columns faster: PostgreSQL's cost per added column (about a quarter of a millisecond
+/// here at 1,500 columns) barely depends on how columns are grouped into statements.
+async fn ddl_floor(url: &str, columns: usize) -> f64 {
+    let mut conn = PgConnection::connect(url).await.expect("connect");
+    let started = Instant::now();
+    for first in (0..columns).step_by(16) {
+        let adds = (first..columns.min(first + 16))
+            .map(|i| format!("ADD COLUMN \"properties__experiments__exp_{i:07}_a\" text"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        conn.execute(sqlx::AssertSqlSafe(format!(
+            "ALTER TABLE bench.ddl_target {adds}"
+        )))
+        .await
+        .expect("alter");
+    }
+    started.elapsed().as_secs_f64()
+}
+
 /// A SQLite value as read back, to insert again.
 enum Cell {
     Null,
@@ -572,6 +595,12 @@ async fn main() {
     };
     // `properties_variant` is the one other key the events bring.
     let evolving = (COLUMN_LIMIT - base_columns - 1) / 2;
+    {
+        let mut conn = PgConnection::connect(&dest.url).await.expect("connect");
+        conn.execute("CREATE TABLE bench.ddl_target (LIKE bench.screen INCLUDING ALL)")
+            .await
+            .expect("ddl target");
+    }
     let evolution = table
         .measure(
             "schema evolution, 2 new keys per event",
@@ -609,6 +638,13 @@ async fn main() {
     let rows: usize = sent.iter().map(|(_, n)| n).sum();
     let copy = copy_ceiling(&dest.url, rows).await;
     println!("COPY of the same {rows} rows into the same table shape: {copy:.0} rows/s");
+    let ddl_seconds = ddl_floor(&dest.url, evolving * 2).await;
+    let evolution_ceiling = evolving as f64 / ddl_seconds;
+    println!(
+        "the same {} columns added alone, 16 per ALTER TABLE: {ddl_seconds:.2} s, so at most \
+         {evolution_ceiling:.0} events/s of schema evolution",
+        evolving * 2
+    );
 
     println!("\n== SQLite ==");
     let lite_dest = Destination::new(Backend::Sqlite, "bench-sqlite").await;
@@ -657,8 +693,10 @@ async fn main() {
         single.rate() / copy
     );
     println!(
-        "schema evolution: {:.0} events/s ({evolving} events, {} new columns)",
+        "schema evolution / its DDL floor: {:.0} / {evolution_ceiling:.0} events/s = {:.2} \
+         ({evolving} events, {} new columns)",
         evolution.rate(),
+        evolution.rate() / evolution_ceiling,
         evolving * 2
     );
     println!(
