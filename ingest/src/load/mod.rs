@@ -783,9 +783,11 @@ impl Warehouse {
         for rows in tables {
             for (row, &item) in rows.rows.iter().zip(&rows.items) {
                 let single = TableRows {
+                    table: rows.table,
+                    columns: rows.columns.clone(),
                     rows: vec![row.clone()],
                     items: vec![item],
-                    ..rows.clone()
+                    update_columns: rows.update_columns.clone(),
                 };
                 tx.execute("SAVEPOINT sluice_record")
                     .await
