@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 
 use rustc_hash::{FxHashMap, FxHashSet};
 
@@ -845,7 +846,23 @@ pub struct TableColumns {
     /// What `_sdc_columns` held for the table when these columns were known to be current (see
     /// [`ColumnsFingerprint`]); `None` when not known.
     pub fingerprint: Option<ColumnsFingerprint>,
+    /// [`TableColumns::update_columns`], computed at its first use after the last
+    /// [`TableColumns::insert`].
+    update_columns: UpdateColumns,
 }
+
+/// The cache behind [`TableColumns::update_columns`]. It is derived from `columns`, so it plays
+/// no part in comparisons.
+#[derive(Debug, Clone, Default)]
+struct UpdateColumns(std::sync::OnceLock<Arc<[String]>>);
+
+impl PartialEq for UpdateColumns {
+    fn eq(&self, _: &UpdateColumns) -> bool {
+        true
+    }
+}
+
+impl Eq for UpdateColumns {}
 
 /// A cheap summary of a table's rows in `_sdc_columns`: how many, and the latest time one was
 /// added (as the database writes it as text). Every column Sluice adds is recorded there in
@@ -908,8 +925,31 @@ impl TableColumns {
         }
     }
 
+    /// Every column an upsert overwrites, sorted: all the columns of a type Sluice writes but
+    /// the key (`message_id`). Built once per set of columns, not per batch: a table may have
+    /// [`COLUMN_LIMIT`] of them. (After changing `columns` directly rather than through
+    /// [`TableColumns::insert`], as [`Catalog::from_rows`] does before any use, it is rebuilt
+    /// only if it was not used yet.)
+    pub fn update_columns(&self) -> Arc<[String]> {
+        self.update_columns
+            .0
+            .get_or_init(|| {
+                let mut names: Vec<String> = self
+                    .columns
+                    .iter()
+                    .filter(|(name, ty)| ty.is_some() && name.as_str() != "message_id")
+                    .map(|(name, _)| name.clone())
+                    .collect();
+                names.sort();
+                names.into()
+            })
+            .clone()
+    }
+
     /// Adds a column and its record (as the database will have them once the DDL commits).
+    /// Adding a record that is already there changes nothing.
     pub fn insert(&mut self, record: &ColumnRecord, sql_type: Option<ColumnType>) {
+        self.update_columns = UpdateColumns::default();
         self.columns.insert(record.column.clone(), sql_type);
         self.recorded.insert(record.column.clone());
         if let Some(path) = &record.key_path {
@@ -919,6 +959,10 @@ impl TableColumns {
                 made_for: record.column_type,
             };
             let columns = self.paths.entry(path.clone()).or_default();
+            if let Some(known) = columns.iter_mut().find(|c| c.name == column.name) {
+                *known = column;
+                return;
+            }
             // The first column of a path comes first, whatever order the records came in.
             if record.split_of.is_none() {
                 columns.insert(0, column);
@@ -944,7 +988,10 @@ impl TableColumns {
             .collect();
         sorted.sort_by(|a, b| (a.2, a.0, a.1).cmp(&(b.2, b.0, b.1)));
         sorted.dedup_by(|a, b| a.0 == b.0 && a.1 == b.1);
-        let mut planned = self.clone();
+        let mut planned = Planned {
+            table: self,
+            added: TableColumns::default(),
+        };
         let mut new = Vec::new();
         for (path, ty, _) in sorted {
             // At most two rounds: a first column adopted from before `_sdc_columns` may have
@@ -953,17 +1000,14 @@ impl TableColumns {
                 if planned.len() >= COLUMN_LIMIT {
                     return new;
                 }
-                let existing = planned.paths.get(path);
-                let served = existing.is_some_and(|cols| {
-                    cols.iter()
-                        .any(|c| c.made_for == ty || c.sql_type.is_some_and(|t| t.accepts(ty)))
-                });
+                let existing: Vec<&PathColumn> = planned.path_columns(path).collect();
+                let served = existing
+                    .iter()
+                    .any(|c| c.made_for == ty || c.sql_type.is_some_and(|t| t.accepts(ty)));
                 if served {
                     break;
                 }
-                let split_of = existing
-                    .and_then(|cols| cols.first())
-                    .map(|c| c.name.clone());
+                let split_of = existing.first().map(|c| c.name.clone());
                 let name = match &split_of {
                     None => naming::assign(path, |n| planned.claim(n)),
                     Some(first) => {
@@ -983,7 +1027,7 @@ impl TableColumns {
                     column_type: adopted.flatten().unwrap_or(ty),
                     split_of,
                 };
-                planned.insert(&record, adopted.unwrap_or(Some(ty)));
+                planned.added.insert(&record, adopted.unwrap_or(Some(ty)));
                 new.push(NewColumn {
                     exists: adopted.is_some(),
                     record,
@@ -991,6 +1035,39 @@ impl TableColumns {
             }
         }
         new
+    }
+}
+
+/// A table's columns with the columns [`TableColumns::plan_columns`] has planned so far on
+/// top, without copying the table's (which may be [`COLUMN_LIMIT`] of them).
+struct Planned<'a> {
+    table: &'a TableColumns,
+    added: TableColumns,
+}
+
+impl Planned<'_> {
+    fn len(&self) -> usize {
+        let new = self.added.columns.keys();
+        self.table.len() + new.filter(|c| !self.table.columns.contains_key(*c)).count()
+    }
+
+    /// The columns of `path`: the table's first (its first column comes first), then the
+    /// planned ones.
+    fn path_columns<'p>(&'p self, path: &KeyPath) -> impl Iterator<Item = &'p PathColumn> {
+        let table = self.table.paths.get(path).into_iter().flatten();
+        table.chain(self.added.paths.get(path).into_iter().flatten())
+    }
+
+    fn claim(&self, name: &str) -> Claim {
+        match (self.table.claim(name), self.added.claim(name)) {
+            (Claim::Taken, _) | (_, Claim::Taken) => Claim::Taken,
+            (Claim::Unrecorded, _) | (_, Claim::Unrecorded) => Claim::Unrecorded,
+            _ => Claim::Free,
+        }
+    }
+
+    fn get(&self, column: &str) -> Option<Option<ColumnType>> {
+        self.added.get(column).or_else(|| self.table.get(column))
     }
 }
 
@@ -1305,6 +1382,50 @@ mod tests {
         // The top-level `userId` holds `user_id`; a client's own `user_id` key gets a hash.
         assert!(name(&["user_id"]).starts_with("user_id_"));
         assert!(name(&["xmin"]).starts_with("xmin_"));
+    }
+
+    #[test]
+    fn a_new_key_with_two_types_gets_its_column_and_a_split_in_one_plan() {
+        let table = TableColumns::new_table(Table::Track);
+        let p = path(&["properties", "seats"]);
+        let new = table.plan_columns(
+            Table::Track,
+            &[
+                (p.clone(), ColumnType::BigInt),
+                (p.clone(), ColumnType::Text),
+            ],
+        );
+        assert_eq!(new.len(), 2, "{new:?}");
+        let first = new
+            .iter()
+            .find(|c| c.record.split_of.is_none())
+            .expect("first");
+        let split = new
+            .iter()
+            .find(|c| c.record.split_of.is_some())
+            .expect("split");
+        assert_eq!(first.record.column, "properties__seats");
+        assert_eq!(split.record.split_of.as_deref(), Some("properties__seats"));
+        assert!(split.record.column.starts_with("properties__seats__"));
+        // Planning leaves the table as it was.
+        assert_eq!(table, TableColumns::new_table(Table::Track));
+    }
+
+    #[test]
+    fn update_columns_follow_inserts_and_a_record_added_twice_counts_once() {
+        let mut table = TableColumns::new_table(Table::Track);
+        let before = table.update_columns();
+        assert!(!before.contains(&"message_id".to_owned()));
+        let p = path(&["properties", "plan"]);
+        let new = table.plan_columns(Table::Track, &[(p.clone(), ColumnType::Text)]);
+        for _ in 0..2 {
+            table.insert(&new[0].record, Some(ColumnType::Text));
+        }
+        let after = table.update_columns();
+        assert_eq!(after.len(), before.len() + 1);
+        assert!(after.contains(&"properties__plan".to_owned()));
+        assert!(after.windows(2).all(|w| w[0] < w[1]), "sorted: {after:?}");
+        assert_eq!(table.paths[&p].len(), 1);
     }
 
     #[test]

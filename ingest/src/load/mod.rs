@@ -573,8 +573,10 @@ impl Warehouse {
     /// Adds the columns an [`Evolution`] asks for, under the schema's DDL lock: names them
     /// against the catalog as it is now ([`schema::TableColumns::plan_columns`]), skips any that
     /// another writer added meanwhile, and records them in `_sdc_columns` in the same
-    /// transaction. Returns the catalog as it is afterwards.
-    async fn evolve(&self, evolution: &Evolution) -> Result<Catalog, LoadError> {
+    /// transaction. Once committed, adds them to the cached catalog, in place: a table may have
+    /// [`schema::COLUMN_LIMIT`] columns, and a stream whose every event brings new keys evolves
+    /// at every batch.
+    async fn evolve(&self, evolution: &Evolution) -> Result<(), LoadError> {
         let mut tx = self.ddl_transaction().await?;
         // The catalog is read again only when another writer (or a reset) changed a table
         // being evolved since this one last knew it: on a stream whose every event brings new
@@ -583,25 +585,48 @@ impl Warehouse {
             .columns_fingerprints(&self.schema)
             .await
             .map_err(|e| self.error(e))?;
-        let known = self.known.lock().await.clone();
-        let current_everywhere = evolution.0.iter().all(|(table, _)| {
-            let fingerprint = known.table(*table).fingerprint.as_ref();
-            fingerprint.is_some() && fingerprint == before.get(table)
-        });
-        let mut current = if current_everywhere {
-            known
-        } else {
-            match &mut tx {
-                Tx::Postgres(tx) => postgres::catalog(tx, &self.schema).await,
-                Tx::Sqlite(tx) => sqlite::catalog(tx, &self.schema).await,
+        let plan_on = |current: &Catalog| -> Vec<(Table, Vec<PlannedColumn>)> {
+            evolution
+                .0
+                .iter()
+                .map(|(table, needs)| {
+                    let columns = current.table(*table);
+                    let new = columns.plan_columns(*table, needs);
+                    let new = new
+                        .into_iter()
+                        .map(|c| PlannedColumn {
+                            sql_type: columns
+                                .get(&c.record.column)
+                                .unwrap_or(Some(c.record.column_type)),
+                            record: c.record,
+                            exists: c.exists,
+                        })
+                        .collect();
+                    (*table, new)
+                })
+                .collect()
+        };
+        let (planned, reread) = {
+            let known = self.known.lock().await;
+            let current = evolution.0.iter().all(|(table, _)| {
+                let fingerprint = known.table(*table).fingerprint.as_ref();
+                fingerprint.is_some() && fingerprint == before.get(table)
+            });
+            if current {
+                (plan_on(&known), None)
+            } else {
+                drop(known);
+                let reread = match &mut tx {
+                    Tx::Postgres(tx) => postgres::catalog(tx, &self.schema).await,
+                    Tx::Sqlite(tx) => sqlite::catalog(tx, &self.schema).await,
+                }
+                .map_err(|e| self.error(e))?;
+                (plan_on(&reread), Some(reread))
             }
-            .map_err(|e| self.error(e))?
         };
         let mut records = Vec::new();
         let mut loads = Vec::new();
-        for (table, needs) in &evolution.0 {
-            let columns = current.0.entry(*table).or_default();
-            let new = columns.plan_columns(*table, needs);
+        for (table, new) in &planned {
             let add: Vec<(&str, ColumnType)> = new
                 .iter()
                 .filter(|c| !c.exists)
@@ -609,23 +634,15 @@ impl Warehouse {
                 .collect();
             if !add.is_empty() {
                 tracing::info!(schema = %self.schema, %table, columns = add.len(), "adding columns");
-            }
-            for sql in add_columns_sql(self.dialect(), &self.schema, *table, &add) {
-                tx.execute(&sql).await.map_err(|e| self.error(e))?;
-            }
-            if !add.is_empty() {
                 loads.push(TableLoad {
                     columns_added: i64::try_from(add.len()).unwrap_or(i64::MAX),
                     ..TableLoad::new(*table)
                 });
             }
-            for c in new {
-                let sql_type = columns
-                    .get(&c.record.column)
-                    .unwrap_or(Some(c.record.column_type));
-                columns.insert(&c.record, sql_type);
-                records.push(c.record);
+            for sql in add_columns_sql(self.dialect(), &self.schema, *table, &add) {
+                tx.execute(&sql).await.map_err(|e| self.error(e))?;
             }
+            records.extend(new.iter().map(|c| c.record.clone()));
         }
         let now = Utc::now();
         tx.insert_records(&self.schema, &records, now)
@@ -638,11 +655,30 @@ impl Warehouse {
             .columns_fingerprints(&self.schema)
             .await
             .map_err(|e| self.error(e))?;
-        for (table, columns) in &mut current.0 {
-            columns.fingerprint = after.get(table).cloned();
-        }
         tx.commit().await.map_err(|e| self.error(e))?;
-        Ok(current)
+
+        let mut known = self.known.lock().await;
+        // Only the tables known to be current get the new fingerprint: every table when the
+        // catalog was read again, else the ones evolved.
+        let stamped: Vec<Table> = match reread {
+            Some(reread) => {
+                *known = reread;
+                known.0.keys().copied().collect()
+            }
+            None => planned.iter().map(|(table, _)| *table).collect(),
+        };
+        for (table, new) in &planned {
+            let columns = known.0.entry(*table).or_default();
+            for c in new {
+                columns.insert(&c.record, c.sql_type);
+            }
+        }
+        for table in stamped {
+            if let Some(columns) = known.0.get_mut(&table) {
+                columns.fingerprint = after.get(&table).cloned();
+            }
+        }
+        Ok(())
     }
 
     /// A transaction holding the schema's DDL lock: a transaction-scoped advisory lock on
@@ -734,19 +770,17 @@ impl Warehouse {
 
     /// Plans the batch against the catalog, evolving the schema until every column exists.
     async fn plan<'a>(&self, items: &'a [Item]) -> Result<Vec<TableRows<'a>>, LoadError> {
-        let catalog = &self.known;
         let batched_at = Utc::now();
         // Each round adds columns; a concurrent writer can cause at most a few more rounds.
         for _ in 0..8 {
             let evolution = {
-                let current = catalog.lock().await;
+                let current = self.known.lock().await;
                 match plan::plan_with_budgets(&current, items, batched_at, &self.budgets) {
                     Ok(tables) => return Ok(tables),
                     Err(evolution) => evolution,
                 }
             };
-            let fresh = self.evolve(&evolution).await?;
-            *catalog.lock().await = fresh;
+            self.evolve(&evolution).await?;
         }
         Err(LoadError::Database(
             "the schema kept changing while columns were being added; will retry".to_owned(),
@@ -817,6 +851,14 @@ impl Warehouse {
         tx.commit().await.map_err(|e| self.error(e))?;
         Ok(rejected)
     }
+}
+
+/// A column an evolution adds (or records, when it `exists` from before `_sdc_columns`), with
+/// the type the cached catalog gets for it.
+struct PlannedColumn {
+    record: ColumnRecord,
+    sql_type: Option<ColumnType>,
+    exists: bool,
 }
 
 /// An open transaction on either database.

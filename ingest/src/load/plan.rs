@@ -19,6 +19,7 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use axum::body::Bytes;
 use chrono::{DateTime, Utc};
@@ -68,8 +69,9 @@ pub struct TableRows<'a> {
     pub items: Vec<usize>,
     /// Every column an upsert overwrites: all the table's columns of a type Sluice writes,
     /// but the key. Columns absent from a redelivered event become NULL, so the row is exactly
-    /// the latest version of the event.
-    pub update_columns: Vec<String>,
+    /// the latest version of the event. Shared with the catalog
+    /// ([`crate::schema::TableColumns::update_columns`]).
+    pub update_columns: Arc<[String]>,
 }
 
 /// Columns that must be added before a batch can be written: per table, the key paths and the
@@ -245,19 +247,12 @@ fn plan_table<'a, 'c>(
             dense
         })
         .collect();
-    let mut update_columns: Vec<String> = existing
-        .columns
-        .iter()
-        .filter(|(name, ty)| ty.is_some() && name.as_str() != "message_id")
-        .map(|(name, _)| name.clone())
-        .collect();
-    update_columns.sort();
     Ok(TableRows {
         table,
         columns,
         rows,
         items: indexes.to_vec(),
-        update_columns,
+        update_columns: existing.update_columns(),
     })
 }
 
