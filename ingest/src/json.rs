@@ -353,10 +353,29 @@ pub fn to_json_text(value: &Value) -> String {
     out
 }
 
-/// Writes a JSON string literal.
+/// Writes a JSON string literal, escaped by serde_json.
 pub fn write_string(text: &str, out: &mut String) {
-    // serde_json's string escaping, through its Display of a borrowed string value.
-    let _ = write!(out, "{}", serde_json::Value::from(text));
+    serde_json::to_writer(Utf8Writer(out), text)
+        .expect("serde_json writes a string as UTF-8 pieces");
+}
+
+/// Appends what serde_json writes to a `String`. serde_json writes a string literal as the
+/// quotes, the runs of the text between characters it escapes, and the escapes, all of them
+/// whole UTF-8 (it escapes only ASCII characters, so runs end on character boundaries): each
+/// piece is checked on its own, in time linear in its length.
+struct Utf8Writer<'a>(&'a mut String);
+
+impl std::io::Write for Utf8Writer<'_> {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        let text = std::str::from_utf8(bytes)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        self.0.push_str(text);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -367,6 +386,25 @@ mod tests {
     fn read(body: &str) -> Result<Value, JsonError> {
         let repaired = repair(body.as_bytes())?;
         parse(&repaired)
+    }
+
+    #[test]
+    fn strings_are_written_as_serde_json_escapes_them() {
+        for text in [
+            "",
+            "plain",
+            "quote \" and backslash \\",
+            "controls \u{0}\u{1f}\n\t\r",
+            "é, 中文, 🙂 and \u{fffd}",
+            "\u{7f}\u{2028}",
+        ] {
+            let mut out = String::from("before:");
+            write_string(text, &mut out);
+            assert_eq!(
+                out,
+                format!("before:{}", serde_json::to_string(text).expect("text"))
+            );
+        }
     }
 
     #[test]

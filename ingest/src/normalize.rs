@@ -97,7 +97,7 @@ impl SqlValue {
 /// Formats a timestamp the way Sluice stores it where the database has no timestamp type
 /// (SQLite): RFC 3339 in UTC with microseconds (PostgreSQL's precision), which sorts as text.
 pub fn format_timestamp(t: &DateTime<Utc>) -> String {
-    t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+    t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
 /// A key path and the value an event gives it.
@@ -437,6 +437,31 @@ mod tests {
             field(&r, &["properties", "shallow"]),
             Some(&SqlValue::Text("kept".into()))
         );
+    }
+
+    #[test]
+    fn timestamps_format_as_rfc_3339_in_utc_with_microseconds() {
+        use chrono::TimeZone;
+        for (secs, nanos) in [
+            (0, 0),
+            (1_714_557_600, 123_456_789),
+            (1_714_557_600, 999_999_999),
+            (-62_135_596_800, 1_000),   // 0001-01-01
+            (-30_610_224_000, 5),       // 1000-01-01
+            (253_402_300_799, 999_999), // 9999-12-31T23:59:59
+        ] {
+            let t = Utc.timestamp_opt(secs, nanos).single().expect("in range");
+            assert_eq!(
+                format_timestamp(&t),
+                t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
+                "{secs}.{nanos:09}"
+            );
+        }
+        let t = Utc
+            .timestamp_opt(1_714_557_600, 123_456_789)
+            .single()
+            .expect("in range");
+        assert_eq!(format_timestamp(&t), "2024-05-01T10:00:00.123456Z");
     }
 
     #[test]
