@@ -54,7 +54,7 @@ use crate::event::Table;
 use crate::naming::KeyPath;
 use crate::schema::{
     self, Catalog, ColumnRecord, ColumnType, ColumnsFingerprint, Dialect, InvalidSchemaName,
-    add_columns_sql, validate_schema_name,
+    NewColumn, add_columns_sql, validate_schema_name,
 };
 use plan::{Evolution, TableRows, dedup};
 
@@ -585,25 +585,11 @@ impl Warehouse {
             .columns_fingerprints(&self.schema)
             .await
             .map_err(|e| self.error(e))?;
-        let plan_on = |current: &Catalog| -> Vec<(Table, Vec<PlannedColumn>)> {
+        let plan_on = |current: &Catalog| -> Vec<(Table, Vec<NewColumn>)> {
             evolution
                 .0
                 .iter()
-                .map(|(table, needs)| {
-                    let columns = current.table(*table);
-                    let new = columns.plan_columns(*table, needs);
-                    let new = new
-                        .into_iter()
-                        .map(|c| PlannedColumn {
-                            sql_type: columns
-                                .get(&c.record.column)
-                                .unwrap_or(Some(c.record.column_type)),
-                            record: c.record,
-                            exists: c.exists,
-                        })
-                        .collect();
-                    (*table, new)
-                })
+                .map(|(table, needs)| (*table, current.table(*table).plan_columns(*table, needs)))
                 .collect()
         };
         let (planned, reread) = {
@@ -657,27 +643,13 @@ impl Warehouse {
             .map_err(|e| self.error(e))?;
         tx.commit().await.map_err(|e| self.error(e))?;
 
-        let mut known = self.known.lock().await;
-        // Only the tables known to be current get the new fingerprint: every table when the
-        // catalog was read again, else the ones evolved.
-        let stamped: Vec<Table> = match reread {
-            Some(reread) => {
-                *known = reread;
-                known.0.keys().copied().collect()
-            }
-            None => planned.iter().map(|(table, _)| *table).collect(),
-        };
-        for (table, new) in &planned {
-            let columns = known.0.entry(*table).or_default();
-            for c in new {
-                columns.insert(&c.record, c.sql_type);
-            }
-        }
-        for table in stamped {
-            if let Some(columns) = known.0.get_mut(&table) {
-                columns.fingerprint = after.get(&table).cloned();
-            }
-        }
+        merge_evolution(
+            &mut *self.known.lock().await,
+            &planned,
+            reread,
+            &before,
+            &after,
+        );
         Ok(())
     }
 
@@ -853,12 +825,49 @@ impl Warehouse {
     }
 }
 
-/// A column an evolution adds (or records, when it `exists` from before `_sdc_columns`), with
-/// the type the cached catalog gets for it.
-struct PlannedColumn {
-    record: ColumnRecord,
-    sql_type: Option<ColumnType>,
-    exists: bool,
+/// Adds the columns an evolution committed to the cached catalog `known`, in place.
+///
+/// `planned` was planned against `reread` (the catalog read again under the DDL lock), or else
+/// against `known` when each of its tables had the fingerprint `before` (read under the lock).
+/// With `reread`, it becomes the cache, and every table gets its fingerprint from `after` (read
+/// under the lock after the DDL). Without, `known` may have changed since it was planned
+/// against (a reset empties it; a writer whose insert found a stale column reads it again,
+/// without the lock and without fingerprints): a table gets the columns and `after`'s
+/// fingerprint only if it still has `before`'s. Any other is left as it is, and the next
+/// evolution of it reads the catalog again.
+fn merge_evolution(
+    known: &mut Catalog,
+    planned: &[(Table, Vec<NewColumn>)],
+    reread: Option<Catalog>,
+    before: &HashMap<Table, ColumnsFingerprint>,
+    after: &HashMap<Table, ColumnsFingerprint>,
+) {
+    let current: Vec<Table> = match reread {
+        Some(reread) => {
+            *known = reread;
+            let mut tables: Vec<Table> = known.0.keys().copied().collect();
+            tables.extend(planned.iter().map(|(table, _)| *table));
+            tables.sort();
+            tables.dedup();
+            tables
+        }
+        None => planned
+            .iter()
+            .map(|(table, _)| *table)
+            .filter(|table| {
+                let fingerprint = known.0.get(table).and_then(|c| c.fingerprint.as_ref());
+                fingerprint.is_some() && fingerprint == before.get(table)
+            })
+            .collect(),
+    };
+    for table in current {
+        let columns = known.0.entry(table).or_default();
+        let new = planned.iter().filter(|(t, _)| *t == table);
+        for c in new.flat_map(|(_, new)| new) {
+            columns.insert(&c.record, c.sql_type);
+        }
+        columns.fingerprint = after.get(&table).cloned();
+    }
 }
 
 /// An open transaction on either database.
@@ -1044,3 +1053,101 @@ fn on_conflict_sql(rows: &TableRows<'_>) -> String {
 
 /// The default time a sender is asked to wait before retrying (`Retry-After`).
 pub const RETRY_AFTER: Duration = Duration::from_secs(5);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schema::TableColumns;
+
+    fn fingerprint(records: i64) -> ColumnsFingerprint {
+        ColumnsFingerprint {
+            records,
+            last_added_at: Some(format!("2026-11-30 00:00:{records:02}+00")),
+        }
+    }
+
+    fn fingerprints(records: i64) -> HashMap<Table, ColumnsFingerprint> {
+        HashMap::from([(Table::Track, fingerprint(records))])
+    }
+
+    /// A cache whose `track` has its base columns, as of `fingerprint(records)`.
+    fn cache(records: i64) -> Catalog {
+        let mut track = TableColumns::new_table(Table::Track);
+        track.fingerprint = Some(fingerprint(records));
+        Catalog(HashMap::from([(Table::Track, track)]))
+    }
+
+    /// The column a `properties.plan` text adds to `catalog`'s `track`.
+    fn planned(catalog: &Catalog) -> Vec<(Table, Vec<NewColumn>)> {
+        let needs = [(KeyPath::new(["properties", "plan"]), ColumnType::Text)];
+        let new = catalog
+            .table(Table::Track)
+            .plan_columns(Table::Track, &needs);
+        vec![(Table::Track, new)]
+    }
+
+    #[test]
+    fn an_unchanged_cache_gets_the_columns_and_the_new_fingerprint() {
+        let mut known = cache(10);
+        let planned = planned(&known);
+        merge_evolution(
+            &mut known,
+            &planned,
+            None,
+            &fingerprints(10),
+            &fingerprints(11),
+        );
+        let track = known.table(Table::Track);
+        assert_eq!(track.get("properties__plan"), Some(Some(ColumnType::Text)));
+        assert_eq!(track.fingerprint, Some(fingerprint(11)));
+    }
+
+    #[test]
+    fn a_cache_emptied_or_read_again_meanwhile_is_left_for_the_next_evolution_to_read() {
+        let planned = planned(&cache(10));
+        // A reset emptied the cache between the plan and the merge.
+        let mut emptied = Catalog::default();
+        merge_evolution(
+            &mut emptied,
+            &planned,
+            None,
+            &fingerprints(10),
+            &fingerprints(11),
+        );
+        assert_eq!(emptied, Catalog::default());
+        // A writer read the catalog again meanwhile, without fingerprints.
+        let mut read = cache(10);
+        if let Some(track) = read.0.get_mut(&Table::Track) {
+            track.fingerprint = None;
+        }
+        let as_read = read.clone();
+        merge_evolution(
+            &mut read,
+            &planned,
+            None,
+            &fingerprints(10),
+            &fingerprints(11),
+        );
+        assert_eq!(read, as_read);
+        assert_eq!(read.table(Table::Track).get("properties__plan"), None);
+    }
+
+    #[test]
+    fn a_catalog_read_again_under_the_lock_replaces_the_cache() {
+        let mut known = cache(3);
+        let mut reread = cache(10);
+        reread
+            .0
+            .insert(Table::Page, TableColumns::new_table(Table::Page));
+        let planned = planned(&reread);
+        let after = HashMap::from([
+            (Table::Track, fingerprint(11)),
+            (Table::Page, fingerprint(20)),
+        ]);
+        merge_evolution(&mut known, &planned, Some(reread), &fingerprints(3), &after);
+        let track = known.table(Table::Track);
+        assert_eq!(track.get("properties__plan"), Some(Some(ColumnType::Text)));
+        assert_eq!(track.fingerprint, Some(fingerprint(11)));
+        assert_eq!(known.table(Table::Page).fingerprint, Some(fingerprint(20)));
+    }
+}

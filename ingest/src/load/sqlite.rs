@@ -155,15 +155,15 @@ pub(super) async fn insert(
         .collect::<Vec<_>>()
         .join(", ");
     let tuple = format!("({})", vec!["?"; width].join(", "));
+    let table = qualified(schema, rows.table.name());
+    let conflict = on_conflict_sql(rows);
     for chunk in power_of_two_chunks(
         &rows.rows,
         (MAX_PARAMETERS / width.max(1)).clamp(1, MAX_ROWS_PER_STATEMENT),
     ) {
         let sql = format!(
-            "INSERT INTO {} AS t ({names}) VALUES {}{}",
-            qualified(schema, rows.table.name()),
+            "INSERT INTO {table} AS t ({names}) VALUES {}{conflict}",
             vec![tuple.as_str(); chunk.len()].join(", "),
-            on_conflict_sql(rows)
         );
         let mut query = sqlx::query(AssertSqlSafe(sql));
         for value in chunk.iter().flatten().map(Option::as_deref) {
