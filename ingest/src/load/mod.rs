@@ -594,10 +594,10 @@ impl Warehouse {
         };
         let (planned, reread) = {
             let known = self.known.lock().await;
-            let current = evolution.0.iter().all(|(table, _)| {
-                let fingerprint = known.table(*table).fingerprint.as_ref();
-                fingerprint.is_some() && fingerprint == before.get(table)
-            });
+            let current = evolution
+                .0
+                .iter()
+                .all(|(table, _)| is_current(&known, *table, &before));
             if current {
                 (plan_on(&known), None)
             } else {
@@ -788,13 +788,7 @@ impl Warehouse {
         let mut rejected = Vec::new();
         for rows in tables {
             for (row, &item) in rows.rows.iter().zip(&rows.items) {
-                let single = TableRows {
-                    table: rows.table,
-                    columns: rows.columns.clone(),
-                    rows: vec![row.clone()],
-                    items: vec![item],
-                    update_columns: rows.update_columns.clone(),
-                };
+                let single = rows.with_rows(vec![row.clone()], vec![item]);
                 tx.execute("SAVEPOINT sluice_record")
                     .await
                     .map_err(|e| self.error(e))?;
@@ -823,6 +817,17 @@ impl Warehouse {
         tx.commit().await.map_err(|e| self.error(e))?;
         Ok(rejected)
     }
+}
+
+/// Whether `known` holds `table` as `_sdc_columns` described it in `fingerprints` (read under
+/// the DDL lock): its fingerprint is known and the same.
+fn is_current(
+    known: &Catalog,
+    table: Table,
+    fingerprints: &HashMap<Table, ColumnsFingerprint>,
+) -> bool {
+    let fingerprint = known.table(table).fingerprint.as_ref();
+    fingerprint.is_some() && fingerprint == fingerprints.get(&table)
 }
 
 /// Adds the columns an evolution committed to the cached catalog `known`, in place.
@@ -854,10 +859,7 @@ fn merge_evolution(
         None => planned
             .iter()
             .map(|(table, _)| *table)
-            .filter(|table| {
-                let fingerprint = known.0.get(table).and_then(|c| c.fingerprint.as_ref());
-                fingerprint.is_some() && fingerprint == before.get(table)
-            })
+            .filter(|table| is_current(known, *table, before))
             .collect(),
     };
     for table in current {

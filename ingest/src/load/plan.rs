@@ -74,6 +74,24 @@ pub struct TableRows<'a> {
     pub update_columns: Arc<[String]>,
 }
 
+impl<'a> TableRows<'a> {
+    /// `rows` (with their items' indexes in the batch) in place of these rows, with the same
+    /// columns: a record loaded alone, or the redeliveries of a batch.
+    pub fn with_rows(
+        &self,
+        rows: Vec<Vec<Option<Cow<'a, SqlValue>>>>,
+        items: Vec<usize>,
+    ) -> TableRows<'a> {
+        TableRows {
+            table: self.table,
+            columns: self.columns.clone(),
+            rows,
+            items,
+            update_columns: self.update_columns.clone(),
+        }
+    }
+}
+
 /// Columns that must be added before a batch can be written: per table, the key paths and the
 /// types of values that have no column yet.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -248,13 +248,7 @@ pub(super) async fn load(
                 })
                 .map(|(row, &item)| (row.clone(), item))
                 .unzip();
-            (!kept.is_empty()).then(|| TableRows {
-                table: rows.table,
-                columns: rows.columns.clone(),
-                rows: kept,
-                items: kept_items,
-                update_columns: rows.update_columns.clone(),
-            })
+            (!kept.is_empty()).then(|| rows.with_rows(kept, kept_items))
         })
         .collect();
     if redelivered.is_empty() {
