@@ -102,7 +102,9 @@ pub struct Config {
     #[arg(long, env = "SLUICE_QUEUE_CAPACITY", default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..))]
     pub queue_capacity: u32,
 
-    /// Batches written concurrently, each on its own connection (SQLite always uses one).
+    /// Batches written concurrently, each on its own connection (SQLite always uses one). While
+    /// one is being written, the next takes another writer only once it is full or has waited
+    /// 10 ms.
     #[arg(long, env = "SLUICE_WRITERS", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub writers: u32,
 

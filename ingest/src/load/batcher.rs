@@ -1,9 +1,11 @@
 //! The bounded queue and the batcher: many requests share one transaction (group commit).
 //!
 //! A batch takes every job already queued, up to `max_batch_rows` rows, lingers up to
-//! `max_batch_delay` for more, then goes to the first free writer. While every writer is busy the
-//! batch keeps growing, so batches get larger exactly when the database is the bottleneck, and an
-//! idle service commits an event at once (with the default delay of zero). The queue is
+//! `max_batch_delay` for more, then goes to a free writer. While writers are busy the batch keeps
+//! growing, so batches get larger exactly when the database is the bottleneck, and an
+//! idle service commits an event at once (with the default delay of zero). While a batch is being
+//! written the next one takes another writer only once it is full or has waited
+//! [`OVERLAP_AFTER`]. The queue is
 //! bounded in events: when it is full, [`Loader::submit`] fails at once and the receiver answers
 //! 503, so memory stays bounded and the sender retries.
 
@@ -105,6 +107,7 @@ impl LoadSummary {
 #[derive(Debug)]
 pub struct Job {
     items: Vec<Item>,
+    queued_at: tokio::time::Instant,
     done: oneshot::Sender<Result<Outcome, LoadError>>,
     _queued: OwnedSemaphorePermit,
 }
@@ -176,6 +179,7 @@ impl Loader {
         self.jobs
             .send(Job {
                 items,
+                queued_at: tokio::time::Instant::now(),
                 done,
                 _queued: queued,
             })
@@ -197,6 +201,15 @@ impl Loader {
     }
 }
 
+/// How long a batch waits, while another is being written, before it takes a writer of its own.
+/// Below it, a steady stream of events commits in one transaction at a time, each taking
+/// everything that queued meanwhile: a commit costs PostgreSQL about 0.25 ms of CPU whatever its
+/// size, so few large transactions load more events per CPU second than several small ones in
+/// parallel (the ingest benchmark's single-event mode measures this). Above it, a slow batch
+/// (new columns waiting for a lock, a large refused batch retried row by row) does not hold up
+/// the batches behind it.
+pub const OVERLAP_AFTER: Duration = Duration::from_millis(10);
+
 async fn run<W: Writer>(
     mut jobs: mpsc::UnboundedReceiver<Job>,
     writer: W,
@@ -211,7 +224,10 @@ async fn run<W: Writer>(
         let Some(first) = jobs.recv().await else {
             break;
         };
-        let deadline = tokio::time::Instant::now() + config.max_batch_delay;
+        let deadline = tokio::time::sleep(config.max_batch_delay);
+        let overlap_at = first.queued_at + OVERLAP_AFTER;
+        let overlap = tokio::time::sleep_until(overlap_at);
+        tokio::pin!(deadline, overlap);
         let mut rows = first.items.len();
         let mut batch = vec![first];
         let permit = loop {
@@ -229,17 +245,25 @@ async fn run<W: Writer>(
             if rows >= max_rows || !open {
                 break writers.clone().acquire_owned().await;
             }
-            // Linger for more events until the deadline; after it, go as soon as a writer is
-            // free, and keep growing the batch while every writer is busy.
-            let lingering = tokio::time::Instant::now() < deadline;
+            while tasks.try_join_next().is_some() {}
+            // Linger for more events until the deadline. After it, an idle loader writes the
+            // batch at once; while another batch is being written, this one keeps growing and
+            // takes a writer of its own only once it has waited `OVERLAP_AFTER`.
+            let now = tokio::time::Instant::now();
+            let lingering = now < deadline.deadline();
+            let may_write = tasks.is_empty() || now >= overlap_at;
             tokio::select! {
                 biased;
                 job = jobs.recv() => match job {
                     Some(job) => { rows += job.items.len(); batch.push(job); }
                     None => open = false,
                 },
-                () = tokio::time::sleep_until(deadline), if lingering => {}
-                permit = writers.clone().acquire_owned(), if !lingering => break permit,
+                () = &mut deadline, if lingering => {}
+                permit = writers.clone().acquire_owned(), if !lingering && may_write => {
+                    break permit;
+                }
+                _ = tasks.join_next(), if !lingering && !may_write => {}
+                () = &mut overlap, if !lingering && !may_write => {}
             }
         };
         let Ok(permit) = permit else { break };
@@ -335,6 +359,8 @@ mod tests {
 
     #[derive(Clone)]
     struct Recording {
+        /// Each batch's message ids once its write began (before the gate).
+        started: Arc<Mutex<Vec<Vec<String>>>>,
         batches: Arc<Mutex<Vec<Vec<String>>>>,
         /// Each write waits for one permit; start with none to hold the writer busy.
         gate: Arc<Semaphore>,
@@ -351,6 +377,7 @@ mod tests {
 
         fn gated(permits: usize) -> Recording {
             Recording {
+                started: Arc::default(),
                 batches: Arc::default(),
                 gate: Arc::new(Semaphore::new(permits)),
                 refuse: HashSet::new(),
@@ -361,6 +388,10 @@ mod tests {
         fn batches(&self) -> Vec<Vec<String>> {
             self.batches.lock().expect("lock").clone()
         }
+
+        fn started(&self) -> Vec<Vec<String>> {
+            self.started.lock().expect("lock").clone()
+        }
     }
 
     impl Writer for Recording {
@@ -370,8 +401,9 @@ mod tests {
         ) -> impl Future<Output = Result<LoadSummary, LoadError>> + Send {
             let this = self.clone();
             async move {
-                this.gate.acquire().await.expect("gate").forget();
                 let ids: Vec<String> = items.iter().map(|i| i.record.message_id.clone()).collect();
+                this.started.lock().expect("lock").push(ids.clone());
+                this.gate.acquire().await.expect("gate").forget();
                 this.batches.lock().expect("lock").push(ids.clone());
                 if this.down {
                     return Err(LoadError::Unavailable("the database is down".to_owned()));
@@ -448,6 +480,47 @@ mod tests {
             answer.await.expect("answer").expect("committed");
         }
         assert_eq!(writer.batches(), ids(&[&["a"], &["b", "c", "d"]]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_second_writer_takes_a_batch_only_once_it_has_waited_overlap_after() {
+        let writer = Recording::gated(0);
+        let (loader, _task) = start(
+            &writer,
+            LoaderConfig {
+                writers: 2,
+                ..config(1000, 0, 100)
+            },
+        );
+        let mut answers = vec![submit(&loader, &["a"]).expect("queued")];
+        settle().await;
+        answers.push(submit(&loader, &["b"]).expect("queued"));
+        settle().await;
+        answers.push(submit(&loader, &["c"]).expect("queued"));
+        settle().await;
+        // "a" is being written: the next batch grows rather than taking the idle second writer.
+        assert_eq!(writer.started(), ids(&[&["a"]]));
+        tokio::time::sleep(OVERLAP_AFTER).await;
+        assert_eq!(writer.started(), ids(&[&["a"], &["b", "c"]]));
+
+        // A batch whose predecessor commits within OVERLAP_AFTER goes at once to the freed writer.
+        writer.gate.add_permits(2);
+        settle().await;
+        answers.push(submit(&loader, &["d"]).expect("queued"));
+        settle().await;
+        answers.push(submit(&loader, &["e"]).expect("queued"));
+        settle().await;
+        assert_eq!(writer.started().len(), 3, "{:?}", writer.started());
+        writer.gate.add_permits(1);
+        settle().await;
+        assert_eq!(
+            writer.started(),
+            ids(&[&["a"], &["b", "c"], &["d"], &["e"]])
+        );
+        writer.gate.add_permits(10);
+        for answer in answers {
+            answer.await.expect("answer").expect("committed");
+        }
     }
 
     #[tokio::test(start_paused = true)]
