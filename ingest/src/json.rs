@@ -131,7 +131,15 @@ pub fn repair(body: &[u8]) -> Result<Cow<'_, [u8]>, JsonError> {
                 // Escapes to repair, and U+FFFD the client sent (which keys must mark too).
                 let mut marks: Vec<Mark> = Vec::new();
                 i += 1;
-                while i < body.len() && body[i] != b'"' {
+                while i < body.len() {
+                    // Only a quote, a backslash or the first byte of U+FFFD needs a look.
+                    match memchr::memchr3(b'"', b'\\', REPLACEMENT_UTF8[0], &body[i..]) {
+                        Some(skip) => i += skip,
+                        None => i = body.len(),
+                    }
+                    if i == body.len() || body[i] == b'"' {
+                        break;
+                    }
                     if body[i] == b'\\' {
                         match (body.get(i + 1), escaped_unit(body, i)) {
                             (Some(b'u'), Some(unit @ 0xD800..=0xDBFF)) => {

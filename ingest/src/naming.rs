@@ -51,9 +51,15 @@ const SEPARATOR: char = '\0';
 
 impl KeyPath {
     /// The path of these keys.
-    pub fn new<'a>(keys: impl IntoIterator<Item = &'a str>) -> KeyPath {
-        let mut text = String::new();
-        for (i, key) in keys.into_iter().enumerate() {
+    pub fn new<'a, I>(keys: I) -> KeyPath
+    where
+        I: IntoIterator<Item = &'a str>,
+        I::IntoIter: Clone,
+    {
+        let keys = keys.into_iter();
+        // Sized once: a path is built for every leaf of every event.
+        let mut text = String::with_capacity(keys.clone().map(|k| k.len() + 1).sum());
+        for (i, key) in keys.enumerate() {
             if i > 0 {
                 text.push(SEPARATOR);
             }
