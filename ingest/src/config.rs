@@ -103,8 +103,8 @@ pub struct Config {
     pub queue_capacity: u32,
 
     /// Batches written concurrently, each on its own connection (SQLite always uses one). While
-    /// one is being written, the next takes another writer only once it is full or has waited
-    /// 10 ms.
+    /// one is being written, the next takes another writer only once it is full or its first
+    /// event has waited 10 ms (`load::batcher::OVERLAP_AFTER`).
     #[arg(long, env = "SLUICE_WRITERS", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub writers: u32,
 

@@ -526,9 +526,16 @@ mod tests {
             "[1,]",
             "\"abc",
             "\\",
+            "\"\\",
+            "{\"a\": \"x\\",
         ] {
             assert!(repair(body.as_bytes()).is_ok(), "{body}");
             assert!(read(body).is_err(), "{body}");
+        }
+        // A string cut off inside a U+FFFD, or inside the escape after it.
+        for body in [&b"\"\xEF\xBF"[..], b"\"\xEF\xBF\xBD\\u00", b"\"ab\xEF"] {
+            assert!(repair(body).is_ok(), "{body:?}");
+            assert!(parse::<Value>(&repair(body).expect("repaired")).is_err());
         }
     }
 }

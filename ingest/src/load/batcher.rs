@@ -524,6 +524,28 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_full_batch_takes_another_writer_at_once() {
+        let writer = Recording::gated(0);
+        let (loader, _task) = start(
+            &writer,
+            LoaderConfig {
+                writers: 2,
+                ..config(2, 0, 100)
+            },
+        );
+        let mut answers = vec![submit(&loader, &["a"]).expect("queued")];
+        settle().await;
+        answers.push(submit(&loader, &["b"]).expect("queued"));
+        answers.push(submit(&loader, &["c"]).expect("queued"));
+        settle().await;
+        assert_eq!(writer.started(), ids(&[&["a"], &["b", "c"]]));
+        writer.gate.add_permits(10);
+        for answer in answers {
+            answer.await.expect("answer").expect("committed");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_batch_lingers_for_more_events_until_its_delay() {
         let writer = Recording::open();
         let (loader, _task) = start(&writer, config(1000, 50, 100));
