@@ -482,18 +482,25 @@ mod tests {
         assert_eq!(writer.batches(), ids(&[&["a"], &["b", "c", "d"]]));
     }
 
+    /// A loader of two held writers, `max_batch_rows` rows a batch, with the batch ["a"] being
+    /// written; the answers so far.
+    async fn writing_a_with_two_writers(
+        max_batch_rows: usize,
+    ) -> (Recording, Loader, Vec<Submitted>) {
+        let writer = Recording::gated(0);
+        let config = LoaderConfig {
+            writers: 2,
+            ..config(max_batch_rows, 0, 100)
+        };
+        let (loader, _task) = start(&writer, config);
+        let answers = vec![submit(&loader, &["a"]).expect("queued")];
+        settle().await;
+        (writer, loader, answers)
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_second_writer_takes_a_batch_only_once_it_has_waited_overlap_after() {
-        let writer = Recording::gated(0);
-        let (loader, _task) = start(
-            &writer,
-            LoaderConfig {
-                writers: 2,
-                ..config(1000, 0, 100)
-            },
-        );
-        let mut answers = vec![submit(&loader, &["a"]).expect("queued")];
-        settle().await;
+        let (writer, loader, mut answers) = writing_a_with_two_writers(1000).await;
         answers.push(submit(&loader, &["b"]).expect("queued"));
         settle().await;
         answers.push(submit(&loader, &["c"]).expect("queued"));
@@ -525,16 +532,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_full_batch_takes_another_writer_at_once() {
-        let writer = Recording::gated(0);
-        let (loader, _task) = start(
-            &writer,
-            LoaderConfig {
-                writers: 2,
-                ..config(2, 0, 100)
-            },
-        );
-        let mut answers = vec![submit(&loader, &["a"]).expect("queued")];
-        settle().await;
+        let (writer, loader, mut answers) = writing_a_with_two_writers(2).await;
         answers.push(submit(&loader, &["b"]).expect("queued"));
         answers.push(submit(&loader, &["c"]).expect("queued"));
         settle().await;
