@@ -2,12 +2,11 @@
 //!
 //! A batch takes every job already queued, up to `max_batch_rows` rows, lingers up to
 //! `max_batch_delay` for more, then goes to a free writer. While writers are busy the batch keeps
-//! growing, so batches get larger exactly when the database is the bottleneck, and an
-//! idle service commits an event at once (with the default delay of zero). While a batch is being
+//! growing, so batches get larger exactly when the database is the bottleneck, and an idle
+//! service commits an event at once (with the default delay of zero). While a batch is being
 //! written the next one takes another writer only once it is full or has waited
-//! [`OVERLAP_AFTER`]. The queue is
-//! bounded in events: when it is full, [`Loader::submit`] fails at once and the receiver answers
-//! 503, so memory stays bounded and the sender retries.
+//! [`OVERLAP_AFTER`]. The queue is bounded in events: when it is full, [`Loader::submit`] fails at
+//! once and the receiver answers 503, so memory stays bounded and the sender retries.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -225,8 +224,7 @@ async fn run<W: Writer>(
             break;
         };
         let deadline = tokio::time::sleep(config.max_batch_delay);
-        let overlap_at = first.queued_at + OVERLAP_AFTER;
-        let overlap = tokio::time::sleep_until(overlap_at);
+        let overlap = tokio::time::sleep_until(first.queued_at + OVERLAP_AFTER);
         tokio::pin!(deadline, overlap);
         let mut rows = first.items.len();
         let mut batch = vec![first];
@@ -251,7 +249,7 @@ async fn run<W: Writer>(
             // takes a writer of its own only once it has waited `OVERLAP_AFTER`.
             let now = tokio::time::Instant::now();
             let lingering = now < deadline.deadline();
-            let may_write = tasks.is_empty() || now >= overlap_at;
+            let may_write = tasks.is_empty() || now >= overlap.deadline();
             tokio::select! {
                 biased;
                 job = jobs.recv() => match job {
