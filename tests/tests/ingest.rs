@@ -729,6 +729,53 @@ async fn health_readiness_and_metrics_answer(backend: Backend) {
     server.stop().await;
 }
 
+/// PostgreSQL only: a connection the server closed while it sat idle between batches (a
+/// restart, `idle_session_timeout`, an administrator) is tested before the next batch and
+/// replaced, so the next event loads at the first try.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_closed_while_idle_is_replaced_before_the_next_batch() {
+    use sqlx::Connection;
+    let (dest, server) = serve(Backend::Postgres, "idleclosed", &[]).await;
+    let url = server.url("/v1/webhook");
+    assert_eq!(
+        post(&url, track("first", json!({})).to_string()).await.0,
+        200
+    );
+    let database = dest.url.rsplit('/').next().expect("database name");
+    let mut admin = sqlx::PgConnection::connect(&sluice_tests::postgres::admin_url())
+        .await
+        .expect("admin connection");
+    let terminated: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+    )
+    .bind(database)
+    .fetch_all(&mut admin)
+    .await
+    .expect("terminate the ingest's connections");
+    assert!(
+        terminated.contains(&true),
+        "the ingest had a connection open"
+    );
+    // Longer than the idle time after which a connection is tested (1 s).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        post(&url, track("second", json!({})).to_string()).await.0,
+        200,
+        "the first try lands"
+    );
+    let ids: HashSet<String> = dest
+        .rows(SCHEMA, Table::Track)
+        .await
+        .iter()
+        .map(|r| r["message_id"].as_str().expect("id").to_owned())
+        .collect();
+    assert_eq!(
+        ids,
+        HashSet::from(["first".to_owned(), "second".to_owned()])
+    );
+    server.stop().await;
+}
+
 /// PostgreSQL only: a database that refuses connections gets 503 with `Retry-After`, nothing is
 /// acknowledged, and the same request succeeds once the database is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -189,6 +189,8 @@ pub struct Warehouse {
     schema: String,
     known: Arc<Mutex<Catalog>>,
     budgets: Arc<BTreeMap<Table, usize>>,
+    /// The writers' connections between batches (PostgreSQL only).
+    kept: Arc<postgres::Kept>,
 }
 
 /// A record the database refused, kept in `_sdc_rejected` with the reason.
@@ -345,6 +347,7 @@ impl Warehouse {
             schema: schema.to_owned(),
             known: Arc::default(),
             budgets: Arc::default(),
+            kept: Arc::default(),
         })
     }
 
@@ -768,7 +771,8 @@ impl Warehouse {
     ) -> Result<(), sqlx::Error> {
         let loads = TableLoad::of_rows(tables, items, &[]);
         if let Pool::Postgres(pool) = &self.pool {
-            return postgres::load(pool, &self.schema, tables, items, &loads, Utc::now()).await;
+            let at = Utc::now();
+            return postgres::load(pool, &self.kept, &self.schema, tables, items, &loads, at).await;
         }
         let mut tx = self.begin().await?;
         for rows in tables {

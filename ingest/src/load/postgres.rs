@@ -3,10 +3,12 @@
 //! statement, so a batch costs one round trip whatever its size.
 
 use std::str::FromStr;
-use std::time::Duration;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use sha1::{Digest, Sha1};
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool, Postgres, Transaction};
 
@@ -57,8 +59,58 @@ pub(super) fn pool(url: &str, connections: u32, timeouts: Timeouts) -> Result<Pg
         .connect_lazy_with(options))
 }
 
-/// How long a pooled connection may sit idle before it is tested again when handed out.
+/// How long a pooled or kept connection may sit idle before it is tested again when handed out.
 const IDLE_CHECK: Duration = Duration::from_secs(1);
+
+/// The connections the batcher's writers keep between batches, with when each was last used.
+///
+/// A connection given back to sqlx's pool is tested there with a round trip (`after_release`
+/// in [`pool`], then sqlx's own check): two round trips per batch, which PostgreSQL and the
+/// ingest both pay for, and which delay the connection's next batch. A writer instead keeps its
+/// connection here after a batch that committed, and [`Kept::take`]s it again for the next
+/// one; a connection kept idle for more than [`IDLE_CHECK`] is tested first, as the pool tests
+/// its own. After a failed batch the connection goes back to the pool, which tests it and
+/// closes it if broken.
+///
+/// No more connections are kept than writers have loaded at once, so of a pool of
+/// `writers + 2` two stay for DDL, catalog reads and reports.
+#[derive(Default)]
+pub(super) struct Kept(Mutex<Vec<(PoolConnection<Postgres>, Instant)>>);
+
+impl Kept {
+    /// The most recently kept connection (tested first if it sat idle for longer than
+    /// [`IDLE_CHECK`]), or else one from `pool`.
+    ///
+    /// # Errors
+    /// The pool's: no connection within the acquire timeout, or none can be opened.
+    pub(super) async fn take(
+        &self,
+        pool: &PgPool,
+    ) -> Result<PoolConnection<Postgres>, sqlx::Error> {
+        let kept = self.0.lock().unwrap_or_else(PoisonError::into_inner).pop();
+        if let Some((mut conn, since)) = kept
+            && (since.elapsed() <= IDLE_CHECK || conn.ping().await.is_ok())
+        {
+            return Ok(conn);
+        }
+        pool.acquire().await
+    }
+
+    /// Keeps `conn` for the next batch.
+    pub(super) fn keep(&self, conn: PoolConnection<Postgres>) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((conn, Instant::now()));
+    }
+}
+
+impl std::fmt::Debug for Kept {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kept = self.0.lock().unwrap_or_else(PoisonError::into_inner).len();
+        f.debug_tuple("Kept").field(&kept).finish()
+    }
+}
 
 /// Maps a SQLSTATE to how the loader reacts, by its class (the first two characters), with
 /// the few codes inside a class that need another reaction named first. The classes are
@@ -138,15 +190,15 @@ fn lock_key(schema: &str) -> i64 {
     i64::from_be_bytes(bytes)
 }
 
-/// Upserts one table's rows.
+/// Upserts one table's rows (on a connection inside a transaction).
 pub(super) async fn insert(
-    tx: &mut Transaction<'static, Postgres>,
+    conn: &mut PgConnection,
     schema: &str,
     rows: &TableRows<'_>,
 ) -> Result<(), sqlx::Error> {
     let sql = format!("{}{}", insert_sql(schema, rows, 1), on_conflict_sql(rows));
     bind_rows(sqlx::query(AssertSqlSafe(sql)), rows)
-        .execute(&mut **tx)
+        .execute(conn)
         .await
         .map(drop)
 }
@@ -180,8 +232,12 @@ pub(super) async fn insert(
 ///
 /// The batch is acknowledged only after both steps; when the second fails, the sender's retry
 /// upserts again (and counts again in `_sdc_loads`, like any redelivery).
+///
+/// Both steps run on one connection, taken from `kept` (or `pool`) and kept again if both
+/// succeed.
 pub(super) async fn load(
     pool: &PgPool,
+    kept: &Kept,
     schema: &str,
     tables: &[TableRows<'_>],
     items: &[super::Item],
@@ -191,6 +247,21 @@ pub(super) async fn load(
     if tables.is_empty() {
         return Ok(());
     }
+    let mut conn = kept.take(pool).await?;
+    load_on(&mut conn, schema, tables, items, loads, at).await?;
+    kept.keep(conn);
+    Ok(())
+}
+
+/// [`load`] on `conn`.
+async fn load_on(
+    conn: &mut PgConnection,
+    schema: &str,
+    tables: &[TableRows<'_>],
+    items: &[super::Item],
+    loads: &[TableLoad],
+    at: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
     let mut sql = String::new();
     let mut first = 1;
     for (i, rows) in tables.iter().enumerate() {
@@ -229,7 +300,7 @@ pub(super) async fn load(
     }
     let inserted: Vec<(i32, String)> =
         bind_loads!(query, loads, minute_of(at), |t: DateTime<Utc>| t)
-            .fetch_all(pool)
+            .fetch_all(&mut *conn)
             .await?;
     let inserted: std::collections::HashSet<(usize, &str)> = inserted
         .iter()
@@ -254,7 +325,7 @@ pub(super) async fn load(
     if redelivered.is_empty() {
         return Ok(());
     }
-    let mut tx = pool.begin().await?;
+    let mut tx = conn.begin().await?;
     for rows in &redelivered {
         insert(&mut tx, schema, rows).await?;
     }
