@@ -23,7 +23,6 @@
 //! stack of the parser or of the code that walks the parsed value.
 
 use std::borrow::Cow;
-use std::fmt::Write as _;
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -311,40 +310,44 @@ const MAX_JSON_INTEGER_DIGITS: usize = 1000;
 /// integers beyond 64 bits as bare numbers (up to 1000 digits), other big numbers as strings of
 /// their text, non-finite numbers as the strings `"NaN"`, `"Infinity"` and `"-Infinity"` (JSON,
 /// and so `jsonb`, has no such numbers).
-pub fn write_json(value: &Value, out: &mut String) {
+///
+/// JSON text is built as bytes: every piece is UTF-8 (strings as `serde_json` escapes them,
+/// which escapes only ASCII characters), so the whole is checked once, by [`to_json_text`] or
+/// whoever turns the bytes into a `String`, not piece by piece.
+pub fn write_json(value: &Value, out: &mut Vec<u8>) {
     match value {
         Value::String(s) => match special(s) {
-            Some(Special::BigNumber(text)) if is_json_integer(text) => out.push_str(text),
+            Some(Special::BigNumber(text)) if is_json_integer(text) => {
+                out.extend_from_slice(text.as_bytes());
+            }
             Some(Special::BigNumber(text)) => write_string(text, out),
             Some(Special::NonFinite(f)) => write_string(non_finite_name(f), out),
             None => write_string(s, out),
         },
         Value::Array(items) => {
-            out.push('[');
+            out.push(b'[');
             for (i, item) in items.iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.push(b',');
                 }
                 write_json(item, out);
             }
-            out.push(']');
+            out.push(b']');
         }
         Value::Object(map) => {
-            out.push('{');
+            out.push(b'{');
             for (i, (key, item)) in map.iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.push(b',');
                 }
                 write_string(key, out);
-                out.push(':');
+                out.push(b':');
                 write_json(item, out);
             }
-            out.push('}');
+            out.push(b'}');
         }
-        scalar => {
-            // Numbers, booleans and null print the same in every writer.
-            let _ = write!(out, "{scalar}");
-        }
+        // Numbers, booleans and null print the same in every writer.
+        scalar => write_serde(scalar, out),
     }
 }
 
@@ -356,34 +359,27 @@ fn is_json_integer(text: &str) -> bool {
 
 /// [`write_json`] into a new string.
 pub fn to_json_text(value: &Value) -> String {
-    let mut out = String::new();
+    let mut out = Vec::new();
     write_json(value, &mut out);
-    out
+    utf8(out)
 }
 
 /// Writes a JSON string literal, escaped by serde_json.
-pub fn write_string(text: &str, out: &mut String) {
-    serde_json::to_writer(Utf8Writer(out), text)
-        .expect("serde_json writes a string as UTF-8 pieces");
+pub fn write_string(text: &str, out: &mut Vec<u8>) {
+    write_serde(text, out);
 }
 
-/// Appends what serde_json writes to a `String`. serde_json writes a string literal as the
-/// quotes, the runs of the text between characters it escapes, and the escapes, all of them
-/// whole UTF-8 (it escapes only ASCII characters, so runs end on character boundaries): each
-/// piece is checked on its own, in time linear in its length.
-struct Utf8Writer<'a>(&'a mut String);
+/// Appends what serde_json writes for `value`.
+fn write_serde<T: serde::Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) {
+    serde_json::to_writer(out, value).expect("serde_json writes a string or scalar to a Vec");
+}
 
-impl std::io::Write for Utf8Writer<'_> {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        let text = std::str::from_utf8(bytes)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-        self.0.push_str(text);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
+/// JSON text built by [`write_json`] and [`write_string`] as a `String`.
+///
+/// # Panics
+/// If `bytes` is not UTF-8, which the writers above never produce from Rust strings.
+pub fn utf8(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).expect("JSON written from Rust strings is UTF-8")
 }
 
 #[cfg(test)]
@@ -406,10 +402,10 @@ mod tests {
             "é, 中文, 🙂 and \u{fffd}",
             "\u{7f}\u{2028}",
         ] {
-            let mut out = String::from("before:");
+            let mut out = b"before:".to_vec();
             write_string(text, &mut out);
             assert_eq!(
-                out,
+                utf8(out),
                 format!("before:{}", serde_json::to_string(text).expect("text"))
             );
         }

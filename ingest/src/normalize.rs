@@ -66,15 +66,15 @@ impl SqlValue {
 
     /// Appends the value as JSON text, for the overflow column: non-finite numbers as the
     /// strings `"NaN"`, `"Infinity"`, `"-Infinity"`, timestamps as RFC 3339 text.
-    pub fn write_json(&self, out: &mut String) {
+    pub fn write_json(&self, out: &mut Vec<u8>) {
         match self {
             SqlValue::Text(s) => json::write_string(s, out),
-            SqlValue::BigInt(i) => out.push_str(&i.to_string()),
+            SqlValue::BigInt(i) => out.extend_from_slice(i.to_string().as_bytes()),
             SqlValue::Double(d) if d.is_finite() => json::write_json(&Value::from(*d), out),
             SqlValue::Double(d) => json::write_string(json::non_finite_name(*d), out),
-            SqlValue::Boolean(b) => out.push_str(if *b { "true" } else { "false" }),
+            SqlValue::Boolean(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
             SqlValue::Timestamp(t) => json::write_string(&format_timestamp(t), out),
-            SqlValue::Json(text) => out.push_str(text),
+            SqlValue::Json(text) => out.extend_from_slice(text.as_bytes()),
         }
     }
 
@@ -509,7 +509,7 @@ mod tests {
 
     #[test]
     fn overflow_json_of_values() {
-        let mut out = String::new();
+        let mut out = Vec::new();
         for value in [
             SqlValue::Double(f64::NAN),
             SqlValue::Double(0.5),
@@ -517,8 +517,8 @@ mod tests {
             SqlValue::BigInt(-3),
         ] {
             value.write_json(&mut out);
-            out.push(' ');
+            out.push(b' ');
         }
-        assert_eq!(out, r#""NaN" 0.5 "a\"b" -3 "#);
+        assert_eq!(json::utf8(out), r#""NaN" 0.5 "a\"b" -3 "#);
     }
 }

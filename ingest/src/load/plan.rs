@@ -319,7 +319,7 @@ fn coerce(value: Cow<'_, SqlValue>, column: ColumnType) -> Cow<'_, SqlValue> {
 /// The overflow column's JSON: the values nested under their keys as in the event. `values`
 /// come in the record's order, in which the leaves of one object are adjacent.
 fn overflow_json(values: &[(&KeyPath, &SqlValue)]) -> String {
-    let mut out = String::from("{");
+    let mut out = b"{".to_vec();
     let mut open: Vec<&str> = Vec::new();
     let mut first = true;
     for (path, value) in values {
@@ -328,31 +328,29 @@ fn overflow_json(values: &[(&KeyPath, &SqlValue)]) -> String {
         let shared = open.iter().zip(parents).take_while(|(a, b)| a == b).count();
         while open.len() > shared {
             open.pop();
-            out.push('}');
+            out.push(b'}');
             first = false;
         }
         for key in &parents[shared..] {
             if !first {
-                out.push(',');
+                out.push(b',');
             }
             json::write_string(key, &mut out);
-            out.push_str(":{");
+            out.extend_from_slice(b":{");
             open.push(key);
             first = true;
         }
         if !first {
-            out.push(',');
+            out.push(b',');
         }
         json::write_string(leaf, &mut out);
-        out.push(':');
+        out.push(b':');
         value.write_json(&mut out);
         first = false;
     }
-    for _ in open {
-        out.push('}');
-    }
-    out.push('}');
-    out
+    // The objects still open, and the outer one.
+    out.extend(std::iter::repeat_n(b'}', open.len() + 1));
+    json::utf8(out)
 }
 
 #[cfg(test)]
