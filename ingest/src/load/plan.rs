@@ -180,6 +180,8 @@ struct Placement<'c> {
     /// Whether the value is one of Segment's own top-level fields, placed whatever the row's
     /// size.
     base: bool,
+    /// The target column's position in the statement, once a value has gone there.
+    position: Option<usize>,
 }
 
 fn plan_table<'a, 'c>(
@@ -223,18 +225,21 @@ fn plan_table<'a, 'c>(
         let mut overflow: Vec<(&'a KeyPath, &'a SqlValue)> = Vec::new();
         for field in &item.record.fields {
             let ty = field.value.column_type();
-            let placement = *placed_at.entry((&field.path, ty)).or_insert_with(|| {
+            let placement = placed_at.entry((&field.path, ty)).or_insert_with(|| {
                 let room = existing.len() + missing.len() < budget;
                 Placement {
                     target: target(existing, &field.path, ty, room),
                     base: is_base_key(&field.path, &base_keys),
+                    position: None,
                 }
             });
             let fits = placement.base || row_bytes + field.value.row_bytes() <= ROW_BYTES_LIMIT;
             match placement.target {
                 Target::Column(name, column_ty) if fits => {
                     row_bytes += field.value.row_bytes();
-                    let p = position(name, column_ty, &mut columns);
+                    let p = *placement
+                        .position
+                        .get_or_insert_with(|| position(name, column_ty, &mut columns));
                     row.push((p, coerce(Cow::Borrowed(&field.value), column_ty)));
                 }
                 Target::Missing if fits && item.adds_columns => {
