@@ -98,7 +98,10 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let tables = config.selected_tables();
     let selection = config.selection()?;
-    let connections = config.writers + 2;
+    // Each writer's connection, kept between batches on PostgreSQL (`load::postgres::Kept`),
+    // and another it may take meanwhile (DDL, a refused batch retried row by row); two more for
+    // catalog reads, deletions and the status page.
+    let connections = 2 * config.writers + 2;
     let warehouse = Warehouse::connect_with(
         &config.database_url,
         &config.schema,

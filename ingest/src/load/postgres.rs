@@ -26,7 +26,8 @@ use crate::schema::{
 /// replaced); one in steady use is not, which would cost a round trip per batch. A connection
 /// is tested when it comes back (one that does not answer within the acquire timeout, as over
 /// a stalled network, is dropped rather than kept: it would hold its place in the pool until
-/// the network heals).
+/// the network heals); a writer's connection does not come back after each batch, see
+/// [`Kept`].
 pub(super) fn pool(url: &str, connections: u32, timeouts: Timeouts) -> Result<PgPool, LoadError> {
     let options = PgConnectOptions::from_str(url)
         .map_err(|e| LoadError::BadUrl(format!("{url}: {e}")))?
@@ -62,46 +63,81 @@ pub(super) fn pool(url: &str, connections: u32, timeouts: Timeouts) -> Result<Pg
 /// How long a pooled or kept connection may sit idle before it is tested again when handed out.
 const IDLE_CHECK: Duration = Duration::from_secs(1);
 
-/// The connections the batcher's writers keep between batches, with when each was last used.
+/// How long a writer keeps a connection it took from the pool before giving it back, so that
+/// the pool's own limits (`max_lifetime`, `idle_timeout`) still apply to it.
+const KEPT_AT_MOST: Duration = Duration::from_secs(60);
+
+/// The connections the batcher's writers keep between batches.
 ///
 /// A connection given back to sqlx's pool is tested there with a round trip (`after_release`
 /// in [`pool`], then sqlx's own check): two round trips per batch, which PostgreSQL and the
 /// ingest both pay for, and which delay the connection's next batch. A writer instead keeps its
 /// connection here after a batch that committed, and [`Kept::take`]s it again for the next
-/// one; a connection kept idle for more than [`IDLE_CHECK`] is tested first, as the pool tests
-/// its own. After a failed batch the connection goes back to the pool, which tests it and
+/// one. A kept connection goes back to the pool (which tests it, and closes it if its lifetime
+/// is over) once it has sat idle for more than [`IDLE_CHECK`] or been kept for
+/// [`KEPT_AT_MOST`]; one taken after more than [`IDLE_CHECK`] idle is tested first, as the pool
+/// tests its own. After a failed batch the connection goes back to the pool, which tests it and
 /// closes it if broken.
 ///
-/// No more connections are kept than writers have loaded at once, so of a pool of
-/// `writers + 2` two stay for DDL, catalog reads and reports.
+/// No more connections are kept than writers have loaded at once. A writer may use a second
+/// connection meanwhile (for DDL, or a refused batch's retry row by row), so the pool holds
+/// `2 × writers + 2` (see [`crate::run`]).
 #[derive(Default)]
-pub(super) struct Kept(Mutex<Vec<(PoolConnection<Postgres>, Instant)>>);
+pub(super) struct Kept(Mutex<Vec<KeptConnection>>);
+
+/// A kept connection, with when it was taken from the pool and when it was last used.
+struct KeptConnection {
+    conn: PoolConnection<Postgres>,
+    taken: Instant,
+    used: Instant,
+}
 
 impl Kept {
     /// The most recently kept connection (tested first if it sat idle for longer than
-    /// [`IDLE_CHECK`]), or else one from `pool`.
+    /// [`IDLE_CHECK`], within the pool's acquire timeout), or else one from `pool`. Returns it
+    /// with when it was taken from the pool, for [`Kept::keep`].
     ///
     /// # Errors
     /// The pool's: no connection within the acquire timeout, or none can be opened.
     pub(super) async fn take(
         &self,
         pool: &PgPool,
-    ) -> Result<PoolConnection<Postgres>, sqlx::Error> {
+    ) -> Result<(PoolConnection<Postgres>, Instant), sqlx::Error> {
         let kept = self.0.lock().unwrap_or_else(PoisonError::into_inner).pop();
-        if let Some((mut conn, since)) = kept
-            && (since.elapsed() <= IDLE_CHECK || conn.ping().await.is_ok())
+        if let Some(KeptConnection {
+            mut conn,
+            taken,
+            used,
+        }) = kept
         {
-            return Ok(conn);
+            if used.elapsed() <= IDLE_CHECK {
+                return Ok((conn, taken));
+            }
+            let timeout = pool.options().get_acquire_timeout();
+            if let Ok(Ok(())) = tokio::time::timeout(timeout, conn.ping()).await {
+                return Ok((conn, taken));
+            }
+            // Broken: closed at once rather than tested again by the pool.
+            conn.close_on_drop();
         }
-        pool.acquire().await
+        Ok((pool.acquire().await?, Instant::now()))
     }
 
-    /// Keeps `conn` for the next batch.
-    pub(super) fn keep(&self, conn: PoolConnection<Postgres>) {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push((conn, Instant::now()));
+    /// Keeps `conn`, taken from the pool at `taken`, for the next batch, unless it has been kept
+    /// for [`KEPT_AT_MOST`]; gives back to the pool the connections idle for more than
+    /// [`IDLE_CHECK`].
+    pub(super) fn keep(&self, conn: PoolConnection<Postgres>, taken: Instant) {
+        let now = Instant::now();
+        let mut kept = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        // Dropping a `PoolConnection` gives it back to the pool (in a task of its own).
+        kept.retain(|k| now.duration_since(k.used) <= IDLE_CHECK);
+        if now.duration_since(taken) < KEPT_AT_MOST {
+            kept.push(KeptConnection {
+                conn,
+                taken,
+                used: now,
+            });
+        }
     }
 }
 
@@ -247,9 +283,9 @@ pub(super) async fn load(
     if tables.is_empty() {
         return Ok(());
     }
-    let mut conn = kept.take(pool).await?;
+    let (mut conn, taken) = kept.take(pool).await?;
     load_on(&mut conn, schema, tables, items, loads, at).await?;
-    kept.keep(conn);
+    kept.keep(conn, taken);
     Ok(())
 }
 
