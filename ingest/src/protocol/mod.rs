@@ -420,7 +420,9 @@ async fn webhook(State(state): State<Arc<AppState>>, headers: HeaderMap, body: B
     // of its own, so a delete in a batch with events of the same user always finds them.
     let mut deleted = Vec::with_capacity(deletions.len());
     for request in &deletions {
-        match delete_user(&state, request).await {
+        // Boxed: a deletion's future is some 15 KB, which every request's future would
+        // otherwise carry (and axum would copy into its box), deletion or not.
+        match Box::pin(delete_user(&state, request)).await {
             Ok(deletion) => deleted.push(deletion),
             Err(e) => return unavailable(e),
         }
