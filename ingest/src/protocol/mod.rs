@@ -149,15 +149,15 @@ async fn count_status(
     request: Request,
     next: Next,
 ) -> Response {
-    // Refusals come only from the routes above, so decoded paths are a small, fixed set of
-    // labels however a client spells them.
-    let route = percent_encoding::percent_decode_str(request.uri().path())
-        .decode_utf8_lossy()
-        .into_owned();
+    // A clone of the URI shares its text (no copy); it is decoded only for a refusal.
+    let uri = request.uri().clone();
     let response = next.run(request).await;
     let status = response.status().as_u16();
     state.metrics.request(status);
     if let Some(refusal) = response.extensions().get::<Refusal>() {
+        // Refusals come only from the routes above, so decoded paths are a small, fixed set of
+        // labels however a client spells them.
+        let route = percent_encoding::percent_decode_str(uri.path()).decode_utf8_lossy();
         state.metrics.refused(&route, refusal.reason);
         state.refusals.record(Utc::now(), &route, status, refusal);
     }
