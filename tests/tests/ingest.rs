@@ -729,6 +729,27 @@ async fn health_readiness_and_metrics_answer(backend: Backend) {
     server.stop().await;
 }
 
+/// The `message_id`s of the `track` rows.
+async fn track_ids(dest: &Destination) -> HashSet<String> {
+    sluice_tests::sender::message_ids(dest, SCHEMA, Table::Track)
+        .await
+        .into_iter()
+        .collect()
+}
+
+/// Terminates every connection to `database` (as a restart or an administrator would); returns
+/// how many there were.
+async fn terminate_backends(admin: &mut sqlx::PgConnection, database: &str) -> usize {
+    let terminated: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+    )
+    .bind(database)
+    .fetch_all(admin)
+    .await
+    .expect("terminate the database's connections");
+    terminated.into_iter().filter(|&done| done).count()
+}
+
 /// PostgreSQL only: a connection the server closed while it sat idle between batches (a
 /// restart, `idle_session_timeout`, an administrator) is tested before the next batch and
 /// replaced, so the next event loads at the first try.
@@ -745,15 +766,8 @@ async fn a_connection_closed_while_idle_is_replaced_before_the_next_batch() {
     let mut admin = sqlx::PgConnection::connect(&sluice_tests::postgres::admin_url())
         .await
         .expect("admin connection");
-    let terminated: Vec<bool> = sqlx::query_scalar(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
-    )
-    .bind(database)
-    .fetch_all(&mut admin)
-    .await
-    .expect("terminate the ingest's connections");
     assert!(
-        terminated.contains(&true),
+        terminate_backends(&mut admin, database).await > 0,
         "the ingest had a connection open"
     );
     // Longer than the idle time after which a connection is tested (1 s).
@@ -763,15 +777,9 @@ async fn a_connection_closed_while_idle_is_replaced_before_the_next_batch() {
         200,
         "the first try lands"
     );
-    let ids: HashSet<String> = dest
-        .rows(SCHEMA, Table::Track)
-        .await
-        .iter()
-        .map(|r| r["message_id"].as_str().expect("id").to_owned())
-        .collect();
     assert_eq!(
-        ids,
-        HashSet::from(["first".to_owned(), "second".to_owned()])
+        track_ids(&dest).await,
+        HashSet::from(["first", "second"].map(String::from))
     );
     server.stop().await;
 }
@@ -802,11 +810,7 @@ async fn unavailable_database_answers_503_then_recovers() {
         .execute(sqlx::AssertSqlSafe(set_allowed(false)))
         .await
         .expect("refuse connections");
-    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
-        .bind(&database)
-        .execute(&mut admin)
-        .await
-        .expect("drop existing connections");
+    terminate_backends(&mut admin, &database).await;
     let response = reqwest::Client::new()
         .post(&url)
         .body(track("during", json!({})).to_string())
@@ -834,15 +838,9 @@ async fn unavailable_database_answers_503_then_recovers() {
         200,
         "the retry lands"
     );
-    let ids: HashSet<String> = dest
-        .rows(SCHEMA, Table::Track)
-        .await
-        .iter()
-        .map(|r| r["message_id"].as_str().expect("id").to_owned())
-        .collect();
     assert_eq!(
-        ids,
-        HashSet::from(["before".to_owned(), "during".to_owned()])
+        track_ids(&dest).await,
+        HashSet::from(["before", "during"].map(String::from))
     );
     server.stop().await;
 }

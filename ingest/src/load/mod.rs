@@ -771,8 +771,12 @@ impl Warehouse {
     ) -> Result<(), sqlx::Error> {
         let loads = TableLoad::of_rows(tables, items, &[]);
         if let Pool::Postgres(pool) = &self.pool {
-            let at = Utc::now();
-            return postgres::load(pool, &self.kept, &self.schema, tables, items, &loads, at).await;
+            // Both steps of the load run on the writer's kept connection, kept again if both
+            // succeed (a failed one goes back to the pool, which tests it).
+            let (mut conn, taken) = self.kept.take(pool).await?;
+            postgres::load(&mut conn, &self.schema, tables, items, &loads, Utc::now()).await?;
+            self.kept.keep(conn, taken);
+            return Ok(());
         }
         let mut tx = self.begin().await?;
         for rows in tables {

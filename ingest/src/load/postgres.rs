@@ -267,13 +267,10 @@ pub(super) async fn insert(
 /// width, paid at every batch while new keys keep changing the statement.
 ///
 /// The batch is acknowledged only after both steps; when the second fails, the sender's retry
-/// upserts again (and counts again in `_sdc_loads`, like any redelivery).
-///
-/// Both steps run on one connection, taken from `kept` (or `pool`) and kept again if both
-/// succeed.
+/// upserts again (and counts again in `_sdc_loads`, like any redelivery). Both steps run on
+/// `conn`, which is a writer's [`Kept`] connection.
 pub(super) async fn load(
-    pool: &PgPool,
-    kept: &Kept,
+    conn: &mut PgConnection,
     schema: &str,
     tables: &[TableRows<'_>],
     items: &[super::Item],
@@ -283,21 +280,6 @@ pub(super) async fn load(
     if tables.is_empty() {
         return Ok(());
     }
-    let (mut conn, taken) = kept.take(pool).await?;
-    load_on(&mut conn, schema, tables, items, loads, at).await?;
-    kept.keep(conn, taken);
-    Ok(())
-}
-
-/// [`load`] on `conn`.
-async fn load_on(
-    conn: &mut PgConnection,
-    schema: &str,
-    tables: &[TableRows<'_>],
-    items: &[super::Item],
-    loads: &[TableLoad],
-    at: DateTime<Utc>,
-) -> Result<(), sqlx::Error> {
     let mut sql = String::new();
     let mut first = 1;
     for (i, rows) in tables.iter().enumerate() {
