@@ -105,8 +105,8 @@ pub struct Config {
     /// Batches written concurrently, each on its own connection (SQLite always uses one). While
     /// one is being written, the next takes another writer only once it is full or its first
     /// event has waited 10 ms (`load::batcher::OVERLAP_AFTER`). On PostgreSQL each writer keeps
-    /// its connection between batches and may take a second one for DDL: the pool holds up to
-    /// 2 × writers + 2 connections.
+    /// its connection between batches and may take a second one (for DDL, or to retry a refused
+    /// batch row by row): the pool holds up to 2 × writers + 2 connections.
     #[arg(long, env = "SLUICE_WRITERS", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub writers: u32,
 

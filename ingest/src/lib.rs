@@ -99,7 +99,7 @@ pub async fn run(
     let tables = config.selected_tables();
     let selection = config.selection()?;
     // Each writer's connection, kept between batches on PostgreSQL (`load::postgres::Kept`),
-    // and another it may take meanwhile (DDL, a refused batch retried row by row); two more for
+    // and a second one it may take (for DDL, or to retry a refused batch row by row); two more for
     // catalog reads, deletions and the status page.
     let connections = 2 * config.writers + 2;
     let warehouse = Warehouse::connect_with(

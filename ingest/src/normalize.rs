@@ -69,7 +69,7 @@ impl SqlValue {
     pub fn write_json(&self, out: &mut Vec<u8>) {
         match self {
             SqlValue::Text(s) => json::write_string(s, out),
-            SqlValue::BigInt(i) => out.extend_from_slice(i.to_string().as_bytes()),
+            SqlValue::BigInt(i) => json::write_json(&Value::from(*i), out),
             SqlValue::Double(d) if d.is_finite() => json::write_json(&Value::from(*d), out),
             SqlValue::Double(d) => json::write_string(json::non_finite_name(*d), out),
             SqlValue::Boolean(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),

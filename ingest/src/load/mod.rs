@@ -771,6 +771,9 @@ impl Warehouse {
     ) -> Result<(), sqlx::Error> {
         let loads = TableLoad::of_rows(tables, items, &[]);
         if let Pool::Postgres(pool) = &self.pool {
+            if tables.is_empty() {
+                return Ok(());
+            }
             // Both steps of the load run on the writer's kept connection, kept again if both
             // succeed (a failed one goes back to the pool, which tests it).
             let (mut conn, taken) = self.kept.take(pool).await?;

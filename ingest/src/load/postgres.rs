@@ -73,14 +73,14 @@ const KEPT_AT_MOST: Duration = Duration::from_secs(60);
 /// in [`pool`], then sqlx's own check): two round trips per batch, which PostgreSQL and the
 /// ingest both pay for, and which delay the connection's next batch. A writer instead keeps its
 /// connection here after a batch that committed, and [`Kept::take`]s it again for the next
-/// one. A kept connection goes back to the pool (which tests it, and closes it if its lifetime
-/// is over) once it has sat idle for more than [`IDLE_CHECK`] or been kept for
-/// [`KEPT_AT_MOST`]; one taken after more than [`IDLE_CHECK`] idle is tested first, as the pool
-/// tests its own. After a failed batch the connection goes back to the pool, which tests it and
-/// closes it if broken.
+/// one. Kept connections go back to the pool (which tests them and closes the broken ones, and
+/// applies its lifetime and idle limits) at the next batch once they have sat idle for more than
+/// [`IDLE_CHECK`], and after a batch once they have been kept for [`KEPT_AT_MOST`]; so while
+/// the service is idle, the connections of its last batches stay open, checked out of the pool,
+/// until the next one. After a failed batch the connection goes back to the pool at once.
 ///
 /// No more connections are kept than writers have loaded at once. A writer may use a second
-/// connection meanwhile (for DDL, or a refused batch's retry row by row), so the pool holds
+/// connection meanwhile (for DDL, or to retry a refused batch row by row), so the pool holds
 /// `2 × writers + 2` (see [`crate::run`]).
 #[derive(Default)]
 pub(super) struct Kept(Mutex<Vec<KeptConnection>>);
@@ -93,9 +93,10 @@ struct KeptConnection {
 }
 
 impl Kept {
-    /// The most recently kept connection (tested first if it sat idle for longer than
-    /// [`IDLE_CHECK`], within the pool's acquire timeout), or else one from `pool`. Returns it
-    /// with when it was taken from the pool, for [`Kept::keep`].
+    /// The most recently kept connection used within [`IDLE_CHECK`], or else one from `pool`
+    /// (which tests a connection idle for longer); the kept ones idle for longer go back to the
+    /// pool first. Returns the connection with when it was taken from the pool, for
+    /// [`Kept::keep`].
     ///
     /// # Errors
     /// The pool's: no connection within the acquire timeout, or none can be opened.
@@ -103,41 +104,37 @@ impl Kept {
         &self,
         pool: &PgPool,
     ) -> Result<(PoolConnection<Postgres>, Instant), sqlx::Error> {
-        let kept = self.0.lock().unwrap_or_else(PoisonError::into_inner).pop();
-        if let Some(KeptConnection {
-            mut conn,
-            taken,
-            used,
-        }) = kept
-        {
-            if used.elapsed() <= IDLE_CHECK {
-                return Ok((conn, taken));
-            }
-            let timeout = pool.options().get_acquire_timeout();
-            if let Ok(Ok(())) = tokio::time::timeout(timeout, conn.ping()).await {
-                return Ok((conn, taken));
-            }
-            // Broken: closed at once rather than tested again by the pool.
-            conn.close_on_drop();
+        let (fresh, stale) = {
+            let mut kept = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+            let now = Instant::now();
+            let (fresh, stale): (Vec<_>, Vec<_>) = std::mem::take(&mut *kept)
+                .into_iter()
+                .partition(|k| now.duration_since(k.used) <= IDLE_CHECK);
+            *kept = fresh;
+            (kept.pop(), stale)
+        };
+        // Dropping a `PoolConnection` gives it back to the pool (in a task of its own).
+        drop(stale);
+        match fresh {
+            Some(kept) => Ok((kept.conn, kept.taken)),
+            None => Ok((pool.acquire().await?, Instant::now())),
         }
-        Ok((pool.acquire().await?, Instant::now()))
     }
 
-    /// Keeps `conn`, taken from the pool at `taken`, for the next batch, unless it has been kept
-    /// for [`KEPT_AT_MOST`]; gives back to the pool the connections idle for more than
-    /// [`IDLE_CHECK`].
+    /// Keeps `conn`, taken from the pool at `taken`, for the next batch; gives it back to the
+    /// pool instead if it has been kept for [`KEPT_AT_MOST`].
     pub(super) fn keep(&self, conn: PoolConnection<Postgres>, taken: Instant) {
-        let now = Instant::now();
-        let mut kept = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        // Dropping a `PoolConnection` gives it back to the pool (in a task of its own).
-        kept.retain(|k| now.duration_since(k.used) <= IDLE_CHECK);
-        if now.duration_since(taken) < KEPT_AT_MOST {
-            kept.push(KeptConnection {
+        if taken.elapsed() >= KEPT_AT_MOST {
+            return;
+        }
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(KeptConnection {
                 conn,
                 taken,
-                used: now,
+                used: Instant::now(),
             });
-        }
     }
 }
 
@@ -277,9 +274,6 @@ pub(super) async fn load(
     loads: &[TableLoad],
     at: DateTime<Utc>,
 ) -> Result<(), sqlx::Error> {
-    if tables.is_empty() {
-        return Ok(());
-    }
     let mut sql = String::new();
     let mut first = 1;
     for (i, rows) in tables.iter().enumerate() {

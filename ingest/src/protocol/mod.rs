@@ -29,6 +29,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -401,8 +402,8 @@ fn prepare(
 /// the headers (2% of the ingest's CPU on single events, with the drop of the copy).
 async fn webhook(State(state): State<Arc<AppState>>, request: Request) -> Response {
     let received_at = Utc::now();
-    let (parts, body) = request.into_parts();
-    let headers = &parts.headers;
+    let (Parts { headers, .. }, body) = request.into_parts();
+    let headers = &headers;
     let body = match read_body(&state, body).await {
         Ok(body) => body,
         Err(refusal) => return refusal.into_response(),

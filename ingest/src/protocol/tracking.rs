@@ -20,6 +20,7 @@ use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
@@ -184,14 +185,14 @@ pub(super) async fn tracking(
     request: Request,
 ) -> Response {
     let received_at = Utc::now();
-    let (parts, body) = request.into_parts();
+    let (Parts { headers, .. }, body) = request.into_parts();
     let Some(route) = route(&call) else {
         return error(
             StatusCode::NOT_FOUND,
             format!("no such route /v1/{call}; see Segment's HTTP Tracking API"),
         );
     };
-    let events = match decode(&state, &parts.headers, body, route).await {
+    let events = match decode(&state, &headers, body, route).await {
         Ok(events) => events,
         Err(response) => return response,
     };
