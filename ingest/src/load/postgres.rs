@@ -107,13 +107,13 @@ impl Kept {
         let (fresh, stale) = {
             let mut kept = self.0.lock().unwrap_or_else(PoisonError::into_inner);
             let now = Instant::now();
-            let (fresh, stale): (Vec<_>, Vec<_>) = std::mem::take(&mut *kept)
-                .into_iter()
-                .partition(|k| now.duration_since(k.used) <= IDLE_CHECK);
-            *kept = fresh;
+            let stale: Vec<_> = kept
+                .extract_if(.., |k| now.duration_since(k.used) > IDLE_CHECK)
+                .collect();
             (kept.pop(), stale)
         };
-        // Dropping a `PoolConnection` gives it back to the pool (in a task of its own).
+        // Dropping a `PoolConnection` gives it back to the pool (in a task of its own), here
+        // outside the lock.
         drop(stale);
         match fresh {
             Some(kept) => Ok((kept.conn, kept.taken)),

@@ -403,12 +403,11 @@ fn prepare(
 async fn webhook(State(state): State<Arc<AppState>>, request: Request) -> Response {
     let received_at = Utc::now();
     let (Parts { headers, .. }, body) = request.into_parts();
-    let headers = &headers;
     let body = match read_body(&state, body).await {
         Ok(body) => body,
         Err(refusal) => return refusal.into_response(),
     };
-    if let Err(unauthorized) = state.auth.check(headers, &body) {
+    if let Err(unauthorized) = state.auth.check(&headers, &body) {
         return refuse_unauthorized(unauthorized);
     }
     let batch = body.trim_ascii_start().starts_with(b"[");
