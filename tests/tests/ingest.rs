@@ -5,8 +5,12 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use base64::Engine;
+use chrono::Utc;
 use serde_json::{Value, json};
 use sluice_ingest::event::Table;
+use sluice_ingest::load::plan::Item;
+use sluice_ingest::naming::KeyPath;
+use sluice_ingest::normalize::{Field, Record, SqlValue};
 use sluice_ingest::protocol::sign;
 use sluice_ingest::schema::ColumnType;
 use sluice_tests::ingest::{Backend, Destination, Process, serve};
@@ -845,7 +849,57 @@ async fn unavailable_database_answers_503_then_recovers() {
     server.stop().await;
 }
 
+/// The batcher gives the senders of a batch that added columns a moment to send again
+/// (`load::batcher::REGROUP`); the warehouse tells it which batches did: one with a key the table
+/// has no column for yet, and not one whose keys all have theirs.
+async fn a_written_batch_says_whether_it_added_columns(backend: Backend) {
+    let dest = Destination::new(backend, "evolved").await;
+    let warehouse = dest.warehouse(SCHEMA);
+    warehouse
+        .ensure_schema(&[Table::Track])
+        .await
+        .expect("schema");
+    let batch = |id: &str, key: &str| {
+        vec![Item {
+            record: Record {
+                table: Table::Track,
+                message_id: id.to_owned(),
+                fields: vec![
+                    Field {
+                        path: KeyPath::new(["messageId"]),
+                        value: SqlValue::Text(id.to_owned()),
+                    },
+                    Field {
+                        path: KeyPath::new(["properties", key]),
+                        value: SqlValue::Text(format!("{key} of {id}")),
+                    },
+                ],
+            },
+            received_at: Utc::now(),
+            sequence: 1,
+            raw: Default::default(),
+            adds_columns: true,
+        }]
+    };
+    let mut evolved = Vec::new();
+    for (id, key) in [("m1", "plan"), ("m2", "plan"), ("m3", "seats")] {
+        let summary = warehouse.write(batch(id, key)).await.expect("written");
+        assert_eq!(summary.loaded, vec![(Table::Track, 1)], "{id}");
+        evolved.push(summary.evolved);
+    }
+    assert_eq!(evolved, [true, false, true]);
+    let columns = dest.columns(SCHEMA, Table::Track).await;
+    assert!(columns.contains_key("properties__plan") && columns.contains_key("properties__seats"));
+    assert_eq!(dest.rows(SCHEMA, Table::Track).await.len(), 3);
+    let m2 = dest
+        .row(SCHEMA, Table::Track, "m2")
+        .await
+        .expect("m2 loaded");
+    assert_eq!(m2["properties__plan"], "plan of m2");
+}
+
 sluice_tests::on_both_backends!(
+    a_written_batch_says_whether_it_added_columns,
     fixtures_land_in_their_tables,
     unselected_types_are_acknowledged_and_skipped,
     redelivered_event_is_one_row,

@@ -694,9 +694,13 @@ impl Warehouse {
             *catalog.lock().await = current;
         }
         let mut isolated = false;
+        let mut evolved = false;
         loop {
             let tables = match self.plan(&items).await {
-                Ok(tables) => tables,
+                Ok((tables, added)) => {
+                    evolved |= added;
+                    tables
+                }
                 Err(LoadError::Database(error)) if !isolated => {
                     tracing::warn!(%error, "columns for the batch refused; adding them record by record");
                     items = self.isolate_ddl_failures(items).await?;
@@ -706,7 +710,12 @@ impl Warehouse {
                 Err(other) => return Err(other),
             };
             let error = match self.insert_all(&tables, &items).await {
-                Ok(()) => return Ok(LoadSummary::of(&tables, &[])),
+                Ok(()) => {
+                    return Ok(LoadSummary {
+                        evolved,
+                        ..LoadSummary::of(&tables, &[])
+                    });
+                }
                 Err(error) => error,
             };
             match self.failure(&error) {
@@ -718,7 +727,10 @@ impl Warehouse {
                 Failure::Data | Failure::Stale => {
                     tracing::warn!(%error, "batch refused; loading its records one by one");
                     let refused = self.insert_each(&tables, &items).await?;
-                    return Ok(LoadSummary::of(&tables, &refused));
+                    return Ok(LoadSummary {
+                        evolved,
+                        ..LoadSummary::of(&tables, &refused)
+                    });
                 }
                 Failure::Unavailable => return Err(LoadError::Unavailable(error.to_string())),
             }
@@ -744,14 +756,16 @@ impl Warehouse {
     }
 
     /// Plans the batch against the catalog, evolving the schema until every column exists.
-    async fn plan<'a>(&self, items: &'a [Item]) -> Result<Vec<TableRows<'a>>, LoadError> {
+    /// Returns the plan, and whether it took a step of schema evolution ([`Warehouse::evolve`]:
+    /// the DDL lock, and the columns added unless another writer had added them meanwhile).
+    async fn plan<'a>(&self, items: &'a [Item]) -> Result<(Vec<TableRows<'a>>, bool), LoadError> {
         let batched_at = Utc::now();
         // Each round adds columns; a concurrent writer can cause at most a few more rounds.
-        for _ in 0..8 {
+        for round in 0..8 {
             let evolution = {
                 let current = self.known.lock().await;
                 match plan::plan_with_budgets(&current, items, batched_at, &self.budgets) {
-                    Ok(tables) => return Ok(tables),
+                    Ok(tables) => return Ok((tables, round > 0)),
                     Err(evolution) => evolution,
                 }
             };
