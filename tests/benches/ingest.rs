@@ -10,7 +10,8 @@
 //!   does not load their type (the whole HTTP path, without the database);
 //! - the **COPY ceiling**: a `COPY` of the same rows into a table of the same shape;
 //! - **schema evolution**: a stream in which every event brings two new keys, until the
-//!   table's column cap;
+//!   table's column cap, beside its DDL floor (the same columns added alone), and the same
+//!   stream with its map kept as one JSON column by the `json` column selection;
 //! - on SQLite: single events and batches beside a plain insert of the same rows in one
 //!   transaction;
 //! - the ratios the README's table quotes, and the ingest processes' peak RSS.
@@ -81,6 +82,9 @@ fn event(mode: &str, i: usize) -> Value {
 
 /// A screen event whose `properties.experiments` map is keyed by experiment ids, two of them
 /// seen for the first time in this event: every event adds two columns.
+/// The column selection that keeps the evolving stream's map as one `jsonb` column.
+const JSON_SELECTION: &str = r#"{"screen": {"json": ["properties.experiments"]}}"#;
+
 fn evolving_event(i: usize) -> Value {
     json!({
         "type": "screen",
@@ -646,6 +650,32 @@ async fn main() {
         evolving * 2
     );
 
+    // The same stream with its map kept as one `jsonb` column (the `json` column selection):
+    // no DDL after the first event, on a fresh database.
+    let json_dest = Destination::new(Backend::Postgres, "bench-json").await;
+    let json_process = spawn(&json_dest, &["--column-selection", JSON_SELECTION]).await;
+    let json_table = Table {
+        ingest: json_process.pid(),
+        database: Some(postmaster(&json_dest.url).await),
+    };
+    let json_url = json_process.url("/v1/webhook");
+    let json_events = singles;
+    let as_json = json_table
+        .measure(
+            "the same stream, map as one JSON column",
+            &json_url,
+            Load {
+                bodies: bodies(&json_url, json_events, 1, evolving_event),
+                events: json_events,
+                per_request: 1,
+                clients: 8,
+                rate: None,
+            },
+        )
+        .await;
+    assert_committed(&json_dest, "screen", &[("evolve", json_events)]).await;
+    drop(json_process);
+
     println!("\n== SQLite ==");
     let lite_dest = Destination::new(Backend::Sqlite, "bench-sqlite").await;
     let lite = spawn(&lite_dest, &[]).await;
@@ -698,6 +728,11 @@ async fn main() {
         evolution.rate(),
         evolution.rate() / evolution_ceiling,
         evolving * 2
+    );
+    println!(
+        "the same stream with its map as one JSON column (`json` column selection): {:.0} \
+         events/s ({json_events} events)",
+        as_json.rate()
     );
     println!(
         "SQLite / plain insert: single events {:.2}, webhook batches of {batch} {:.2}",
