@@ -307,6 +307,22 @@ impl Table {
         )
     }
 
+    /// Sends `events` of the schema-evolution stream ([`evolving_event`]) to `url`, one per
+    /// request from 8 senders as fast as they are answered, prints its line as `name`, and
+    /// checks that every event is in `dest`'s `screen` table.
+    async fn evolving(&self, name: &str, dest: &Destination, url: &str, events: usize) -> Run {
+        let load = Load {
+            bodies: bodies(url, events, 1, evolving_event),
+            events,
+            per_request: 1,
+            clients: 8,
+            rate: None,
+        };
+        let run = self.measure(name, url, load).await;
+        assert_committed(dest, "screen", &[("evolve", events)]).await;
+        run
+    }
+
     /// Drives `load` at `url` and prints its line as `name`.
     async fn measure(&self, name: &str, url: &str, load: Load) -> Run {
         let before = self.cpu();
@@ -606,19 +622,13 @@ async fn main() {
             .expect("ddl target");
     }
     let evolution = table
-        .measure(
+        .evolving(
             "schema evolution, 2 new keys per event",
+            &dest,
             &url,
-            Load {
-                bodies: bodies(&url, evolving, 1, evolving_event),
-                events: evolving,
-                per_request: 1,
-                clients: 8,
-                rate: None,
-            },
+            evolving,
         )
         .await;
-    assert_committed(&dest, "screen", &[("evolve", evolving)]).await;
     let pg_rss = peak_rss_mib(process.pid());
     let metrics = reqwest::get(process.url("/metrics"))
         .await
@@ -661,19 +671,13 @@ async fn main() {
     let json_url = json_process.url("/v1/webhook");
     let json_events = singles;
     let as_json = json_table
-        .measure(
+        .evolving(
             "the same stream, map as one JSON column",
+            &json_dest,
             &json_url,
-            Load {
-                bodies: bodies(&json_url, json_events, 1, evolving_event),
-                events: json_events,
-                per_request: 1,
-                clients: 8,
-                rate: None,
-            },
+            json_events,
         )
         .await;
-    assert_committed(&json_dest, "screen", &[("evolve", json_events)]).await;
     drop(json_process);
 
     println!("\n== SQLite ==");
