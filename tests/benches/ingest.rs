@@ -80,11 +80,11 @@ fn event(mode: &str, i: usize) -> Value {
     })
 }
 
-/// A screen event whose `properties.experiments` map is keyed by experiment ids, two of them
-/// seen for the first time in this event: every event adds two columns.
 /// The column selection that keeps the evolving stream's map as one `jsonb` column.
 const JSON_SELECTION: &str = r#"{"screen": {"json": ["properties.experiments"]}}"#;
 
+/// A screen event whose `properties.experiments` map is keyed by experiment ids, two of them
+/// seen for the first time in this event: every event adds two columns.
 fn evolving_event(i: usize) -> Value {
     json!({
         "type": "screen",
@@ -644,7 +644,7 @@ async fn main() {
     };
     let batches = metric("sluice_batch_rows_count");
     println!(
-        "batches: {batches:.0}, mean {:.1} rows, mean write+commit {:.2} ms",
+        "batches of every mode above: {batches:.0}, mean {:.1} rows, mean write+commit {:.2} ms",
         metric("sluice_batch_rows_sum") / batches,
         metric("sluice_commit_seconds_sum") / batches * 1e3
     );

@@ -696,14 +696,11 @@ impl Warehouse {
         let mut isolated = false;
         let mut evolved = false;
         loop {
-            let tables = match self.plan(&items).await {
-                Ok((tables, added)) => {
-                    evolved |= added;
-                    tables
-                }
+            let tables = match self.plan(&items, &mut evolved).await {
+                Ok(tables) => tables,
                 Err(LoadError::Database(error)) if !isolated => {
                     tracing::warn!(%error, "columns for the batch refused; adding them record by record");
-                    items = self.isolate_ddl_failures(items).await?;
+                    items = self.isolate_ddl_failures(items, &mut evolved).await?;
                     isolated = true;
                     continue;
                 }
@@ -740,9 +737,13 @@ impl Warehouse {
     /// Adds the columns of each item alone; an item whose columns the database refuses adds
     /// none and keeps its new keys in `_sdc_overflow` instead, so that one event's keys never
     /// fail its batch.
-    async fn isolate_ddl_failures(&self, mut items: Vec<Item>) -> Result<Vec<Item>, LoadError> {
+    async fn isolate_ddl_failures(
+        &self,
+        mut items: Vec<Item>,
+        evolved: &mut bool,
+    ) -> Result<Vec<Item>, LoadError> {
         for item in &mut items {
-            match self.plan(std::slice::from_ref(item)).await {
+            match self.plan(std::slice::from_ref(item), evolved).await {
                 Ok(_) => {}
                 Err(LoadError::Database(reason)) => {
                     tracing::warn!(table = %item.record.table, message_id = %item.record.message_id, %reason,
@@ -756,20 +757,26 @@ impl Warehouse {
     }
 
     /// Plans the batch against the catalog, evolving the schema until every column exists.
-    /// Returns the plan, and whether it took a step of schema evolution ([`Warehouse::evolve`]:
-    /// the DDL lock, and the columns added unless another writer had added them meanwhile).
-    async fn plan<'a>(&self, items: &'a [Item]) -> Result<(Vec<TableRows<'a>>, bool), LoadError> {
+    /// Sets `evolved` once it has taken a step of schema evolution ([`Warehouse::evolve`]: the
+    /// DDL lock, and the columns added unless another writer had added them meanwhile), even if
+    /// a later step fails.
+    async fn plan<'a>(
+        &self,
+        items: &'a [Item],
+        evolved: &mut bool,
+    ) -> Result<Vec<TableRows<'a>>, LoadError> {
         let batched_at = Utc::now();
         // Each round adds columns; a concurrent writer can cause at most a few more rounds.
-        for round in 0..8 {
+        for _ in 0..8 {
             let evolution = {
                 let current = self.known.lock().await;
                 match plan::plan_with_budgets(&current, items, batched_at, &self.budgets) {
-                    Ok(tables) => return Ok((tables, round > 0)),
+                    Ok(tables) => return Ok(tables),
                     Err(evolution) => evolution,
                 }
             };
             self.evolve(&evolution).await?;
+            *evolved = true;
         }
         Err(LoadError::Database(
             "the schema kept changing while columns were being added; will retry".to_owned(),
