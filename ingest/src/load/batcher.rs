@@ -6,9 +6,9 @@
 //! service commits an event at once (with the default delay of zero). While a batch is being
 //! written the next one takes another writer only once it is full or has waited
 //! [`OVERLAP_AFTER`]. After a batch that added columns, the next one waits up to [`REGROUP`]
-//! (rounded up to the timer's 1 ms tick) for the senders that batch answered. The queue is bounded in events: when it is full,
-//! [`Loader::submit`] fails at once and the receiver answers 503, so memory stays bounded and the
-//! sender retries.
+//! (rounded up to the timer's 1 ms tick) for the senders that batch answered. The queue is
+//! bounded in events: when it is full, [`Loader::submit`] fails at once and the receiver answers
+//! 503, so memory stays bounded and the sender retries.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -87,9 +87,11 @@ pub struct Outcome {
 }
 
 impl LoadSummary {
-    /// The summary of a batch written as `tables`, of which the database refused `refused`.
-    pub(super) fn of(tables: &[TableRows<'_>], refused: &[Rejected]) -> LoadSummary {
+    /// The summary of a batch written as `tables`, of which the database refused `refused`,
+    /// after a step of schema evolution if `evolved`.
+    pub(super) fn of(tables: &[TableRows<'_>], refused: &[Rejected], evolved: bool) -> LoadSummary {
         let mut summary = LoadSummary {
+            evolved,
             rejected_records: refused
                 .iter()
                 .map(|r| (r.table, r.message_id.clone()))

@@ -707,12 +707,7 @@ impl Warehouse {
                 Err(other) => return Err(other),
             };
             let error = match self.insert_all(&tables, &items).await {
-                Ok(()) => {
-                    return Ok(LoadSummary {
-                        evolved,
-                        ..LoadSummary::of(&tables, &[])
-                    });
-                }
+                Ok(()) => return Ok(LoadSummary::of(&tables, &[], evolved)),
                 Err(error) => error,
             };
             match self.failure(&error) {
@@ -724,10 +719,7 @@ impl Warehouse {
                 Failure::Data | Failure::Stale => {
                     tracing::warn!(%error, "batch refused; loading its records one by one");
                     let refused = self.insert_each(&tables, &items).await?;
-                    return Ok(LoadSummary {
-                        evolved,
-                        ..LoadSummary::of(&tables, &refused)
-                    });
+                    return Ok(LoadSummary::of(&tables, &refused, evolved));
                 }
                 Failure::Unavailable => return Err(LoadError::Unavailable(error.to_string())),
             }
