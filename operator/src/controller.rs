@@ -55,6 +55,9 @@ pub const WATCH_BACKOFF_FIRST: Duration = Duration::from_millis(250);
 pub const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// The image of `sluice-ingest` when neither the spec nor the configuration names one.
 pub const DEFAULT_INGEST_IMAGE: &str = concat!("sluice-ingest:", env!("CARGO_PKG_VERSION"));
+/// The longest note of an Event that the API server accepts (events.k8s.io/v1), in bytes: it
+/// refuses a longer one, and the whole Event with it.
+pub const NOTE_LIMIT: usize = 1024;
 
 /// How the controller runs: `sluice-operator run`'s flags.
 #[derive(Debug, Clone, clap::Args)]
@@ -154,6 +157,7 @@ impl Error {
 pub struct Context {
     client: Client,
     config: Config,
+    reporter: Reporter,
     recorder: Recorder,
     metrics: Arc<Metrics>,
     /// Open while this replica may act; checked before the warehouse is written (the Kubernetes
@@ -161,6 +165,8 @@ pub struct Context {
     gate: Gate,
     /// Consecutive failures per object, for the backoff.
     failures: Mutex<HashMap<ObjectRef<SegmentIntegration>, u32>>,
+    /// The Event series of each failing object's current failure.
+    failure_events: Mutex<FailureSeries<Recorder>>,
 }
 
 impl Context {
@@ -171,12 +177,14 @@ impl Context {
             instance: config.instance.clone(),
         };
         Context {
-            recorder: Recorder::new(client.clone(), reporter),
+            recorder: Recorder::new(client.clone(), reporter.clone()),
+            reporter,
             client,
             config,
             metrics,
             gate,
             failures: Mutex::new(HashMap::new()),
+            failure_events: Mutex::new(FailureSeries::default()),
         }
     }
 
@@ -207,9 +215,18 @@ impl Context {
             action: action.to_owned(),
             secondary: None,
         };
-        if let Err(error) = self.recorder.publish(&event, &si.object_ref(&())).await {
-            tracing::warn!(integration = %si.name_any(), %error, %reason, "cannot publish Event");
-        }
+        publish(&self.recorder, si, event).await;
+    }
+
+    /// The recorder of the Warning Events about `object`'s failure `failure` (see
+    /// [`FailureSeries`]).
+    fn failure_recorder(&self, object: ObjectRef<SegmentIntegration>, failure: &str) -> Recorder {
+        self.failure_events
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .recorder(object, failure, || {
+                Recorder::new(self.client.clone(), self.reporter.clone())
+            })
     }
 
     fn record_failure(&self, object: ObjectRef<SegmentIntegration>) -> u32 {
@@ -224,6 +241,80 @@ impl Context {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(object);
+        self.failure_events
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .forget(object);
+    }
+}
+
+/// Publishes `event` about `si` through `recorder`, its note cut to [`NOTE_LIMIT`]. A failure is
+/// logged, never fatal: Events are for people.
+async fn publish(recorder: &Recorder, si: &SegmentIntegration, mut event: Event) {
+    event.note = event.note.map(within_note_limit);
+    if let Err(error) = recorder.publish(&event, &si.object_ref(&())).await {
+        tracing::warn!(integration = %si.name_any(), %error, reason = %event.reason, "cannot publish Event");
+    }
+}
+
+/// `note` cut to at most [`NOTE_LIMIT`] bytes, at a character boundary, and then ending in "…".
+fn within_note_limit(mut note: String) -> String {
+    if note.len() <= NOTE_LIMIT {
+        return note;
+    }
+    let mut end = NOTE_LIMIT - '…'.len_utf8();
+    while !note.is_char_boundary(end) {
+        end -= 1;
+    }
+    note.truncate(end);
+    note.push('…');
+    note
+}
+
+/// Which failure each failing object's Warning Events are about, and the recorder `R` of their
+/// series. kube's [`Recorder`] makes every Event of the same type, reason, action and object one
+/// series: it creates the first and afterwards only counts the others on it, under the first
+/// one's note, as long as they come within six minutes of each other. With one recorder for all
+/// of them, an object that kept failing would show its first failure for ever, whatever it failed
+/// with since (a finalizer patch refused because the cached object was out of date, then the
+/// lasting Forbidden answer). So each failure of an object has a recorder of its own: the same
+/// failure again counts on its Event, a different one gets a new Event.
+#[derive(Debug)]
+struct FailureSeries<R> {
+    by_object: HashMap<ObjectRef<SegmentIntegration>, (String, R)>,
+}
+
+impl<R> Default for FailureSeries<R> {
+    fn default() -> Self {
+        FailureSeries {
+            by_object: HashMap::new(),
+        }
+    }
+}
+
+impl<R: Clone> FailureSeries<R> {
+    /// The recorder for `object` failing with `failure`: the one of its previous failure when
+    /// that was the same, otherwise a new one made by `start`.
+    fn recorder(
+        &mut self,
+        object: ObjectRef<SegmentIntegration>,
+        failure: &str,
+        start: impl FnOnce() -> R,
+    ) -> R {
+        match self.by_object.get(&object) {
+            Some((previous, recorder)) if previous == failure => recorder.clone(),
+            _ => {
+                let recorder = start();
+                self.by_object
+                    .insert(object, (failure.to_owned(), recorder.clone()));
+                recorder
+            }
+        }
+    }
+
+    /// Forgets `object`'s failure: it reconciled, and its next failure starts a new series.
+    fn forget(&mut self, object: &ObjectRef<SegmentIntegration>) {
+        self.by_object.remove(object);
     }
 }
 
@@ -364,6 +455,11 @@ pub async fn reconcile(si: Arc<SegmentIntegration>, ctx: Arc<Context>) -> Result
         let api = Api::<SegmentIntegration>::namespaced(ctx.client.clone(), &namespace);
         let object = ObjectRef::from_obj(&*si);
         let started = std::time::Instant::now();
+        let Some(si) = with_current_finalizers(&api, si).await? else {
+            // Gone: nothing to do (a new object of the same name comes with its own event).
+            ctx.record_success(&object);
+            return Ok(Action::await_change());
+        };
         let result = finalizer(&api, FINALIZER, si, |event| async {
             match event {
                 Finalizer::Apply(si) => apply(&si, &ctx).await,
@@ -378,6 +474,27 @@ pub async fn reconcile(si: Arc<SegmentIntegration>, ctx: Arc<Context>) -> Result
     }
     .instrument(span)
     .await
+}
+
+/// `si` as the API server has it now when the cached copy lacks the finalizer, or `None` when it
+/// is gone. The cache can be older than the finalizer this operator has just added: another
+/// trigger of the object (its destination Secret's event, say) runs the next reconcile as soon
+/// as the one that added it returns, and the watch event of that patch may not have been read
+/// yet, all the more while the watches back off after an error. `finalizer` would then add it
+/// again, and the API server refuse the patch (its test that the object has no finalizer fails,
+/// 422), a failure, and a Warning Event, about nothing.
+async fn with_current_finalizers(
+    api: &Api<SegmentIntegration>,
+    si: Arc<SegmentIntegration>,
+) -> Result<Option<Arc<SegmentIntegration>>, Error> {
+    if si.finalizers().iter().any(|f| f == FINALIZER) {
+        return Ok(Some(si));
+    }
+    Ok(api
+        .get_opt(&si.name_any())
+        .await?
+        .filter(|current| current.uid() == si.uid())
+        .map(Arc::new))
 }
 
 /// Requeues a failed object with exponential backoff, counts the failure under its category and,
@@ -397,17 +514,16 @@ pub fn error_policy(si: Arc<SegmentIntegration>, error: &Error, ctx: Arc<Context
         "reconcile failed"
     );
     if !error.reported() {
-        let note = format!("{category}: {error}; retrying in {delay:?}");
-        tokio::spawn(async move {
-            ctx.publish(
-                &si,
-                EventType::Warning,
-                Reason::ReconcileFailed,
-                "Reconcile",
-                note,
-            )
-            .await;
-        });
+        let failure = format!("{category}: {error}");
+        let recorder = ctx.failure_recorder(ObjectRef::from_obj(&*si), &failure);
+        let event = Event {
+            type_: EventType::Warning,
+            reason: Reason::ReconcileFailed.to_string(),
+            note: Some(format!("{failure}; retrying in {delay:?}")),
+            action: "Reconcile".to_owned(),
+            secondary: None,
+        };
+        tokio::spawn(async move { publish(&recorder, &si, event).await });
     }
     Action::requeue(delay)
 }
@@ -662,9 +778,7 @@ async fn update_status(
         )
         .await?;
     for event in status::events(previous, &status) {
-        if let Err(error) = ctx.recorder.publish(&event, &si.object_ref(&())).await {
-            tracing::warn!(%error, reason = event.reason, "cannot publish Event");
-        }
+        publish(&ctx.recorder, si, event).await;
     }
     Ok(())
 }
@@ -728,18 +842,21 @@ async fn cleanup(si: &SegmentIntegration, ctx: &Context) -> Result<Action, Error
             let dropped = match dropped {
                 Ok(dropped) => dropped,
                 Err(failure) => {
-                    ctx.publish(
-                        si,
-                        EventType::Warning,
-                        Reason::DropSchemaFailed,
-                        "DropSchema",
-                        format!(
-                            "cannot drop schema {schema}: {}; set spec.deletionPolicy to Retain to \
+                    let note = format!(
+                        "cannot drop schema {schema}: {}; set spec.deletionPolicy to Retain to \
                          delete the resource and keep the schema",
-                            failure.message
-                        ),
-                    )
-                    .await;
+                        failure.message
+                    );
+                    // Its own series per failure, as the ReconcileFailed Events (error_policy).
+                    let recorder = ctx.failure_recorder(ObjectRef::from_obj(si), &note);
+                    let event = Event {
+                        type_: EventType::Warning,
+                        reason: Reason::DropSchemaFailed.to_string(),
+                        note: Some(note),
+                        action: "DropSchema".to_owned(),
+                        secondary: None,
+                    };
+                    publish(&recorder, si, event).await;
                     return Err(Error::Cleanup {
                         schema,
                         reason: failure.reason,
@@ -885,6 +1002,44 @@ mod tests {
         );
         backoff.reset();
         assert_eq!(backoff.next(), Some(WATCH_BACKOFF_FIRST));
+    }
+
+    #[test]
+    fn each_failure_of_an_object_is_an_event_series_of_its_own() {
+        let shop = ObjectRef::<SegmentIntegration>::new("shop").within("ns");
+        let other = ObjectRef::<SegmentIntegration>::new("other").within("ns");
+        let mut series = FailureSeries::default();
+        let mut started = 0;
+        let mut recorder = |series: &mut FailureSeries<u32>, object: &ObjectRef<_>, failure| {
+            series.recorder(object.clone(), failure, || {
+                started += 1;
+                started
+            })
+        };
+        // A stale object's refused finalizer patch, then the lasting Forbidden answer: the second
+        // is not counted on the first one's Event, which would keep the first one's note.
+        assert_eq!(recorder(&mut series, &shop, "kubernetes: 422"), 1);
+        assert_eq!(recorder(&mut series, &shop, "kubernetes: 403"), 2);
+        assert_eq!(recorder(&mut series, &shop, "kubernetes: 403"), 2);
+        assert_eq!(recorder(&mut series, &other, "kubernetes: 403"), 3);
+        assert_eq!(recorder(&mut series, &shop, "kubernetes: 422"), 4);
+        // After a success, the same failure again is a new Event.
+        series.forget(&shop);
+        assert_eq!(recorder(&mut series, &shop, "kubernetes: 422"), 5);
+        assert_eq!(recorder(&mut series, &other, "kubernetes: 403"), 3);
+    }
+
+    #[test]
+    fn notes_are_cut_to_what_the_api_server_accepts() {
+        assert_eq!(within_note_limit("short".to_owned()), "short");
+        let exact = "x".repeat(NOTE_LIMIT);
+        assert_eq!(within_note_limit(exact.clone()), exact);
+        let long = within_note_limit(format!("kubernetes: {}", "é".repeat(NOTE_LIMIT)));
+        assert!(long.len() <= NOTE_LIMIT, "{}", long.len());
+        assert!(
+            long.starts_with("kubernetes: éé") && long.ends_with("é…"),
+            "{long}"
+        );
     }
 
     #[test]
