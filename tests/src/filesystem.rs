@@ -166,16 +166,30 @@ impl Ext4 {
     /// Reports an error on the filesystem, as ext4 does on a failed write or a corrupt block
     /// (`/sys/fs/ext4/DEVICE/trigger_fs_error`): the kernel aborts the journal and the
     /// filesystem is read-only from then on, for every open file too.
+    ///
+    /// The error is raised while the filesystem is frozen (`fsfreeze`): the writes under way
+    /// wait, and fail once it is thawed. Raised at any moment, it races the `fsync`s under way,
+    /// and the kernel loses some of those it reports done: ext4 sets the read-only flag
+    /// several milliseconds after aborting the journal (longer on a busy machine), and an
+    /// `fsync` that waits in between for the journal transaction holding its blocks gets
+    /// success once the abort has discarded that transaction (`jbd2_complete_transaction`
+    /// takes it for committed). The file then loses, after `e2fsck`, writes a program was told
+    /// were on disk; SQLite's commits with them, acknowledged with no way to know. Frozen
+    /// first, the filesystem has everything written before the error on disk (the freeze
+    /// writes it back and flushes the journal), and every write after it fails.
     pub fn fail(&self) {
         let mnt = self.path().display().to_string();
         let source = run("findmnt", &["-n", "-o", "SOURCE", &mnt]);
         let device = String::from_utf8_lossy(&source.stdout).trim().to_owned();
         let name = device.rsplit('/').next().unwrap_or_default().to_owned();
-        std::fs::write(
+        must("fsfreeze", &["--freeze", &mnt]);
+        let triggered = std::fs::write(
             format!("/sys/fs/ext4/{name}/trigger_fs_error"),
             "sluice fault test",
-        )
-        .unwrap_or_else(|e| panic!("cannot trigger an error on {device}: {e}"));
+        );
+        // Thawed whatever happened: a frozen filesystem holds its writers until it is.
+        must("fsfreeze", &["--unfreeze", &mnt]);
+        triggered.unwrap_or_else(|e| panic!("cannot trigger an error on {device}: {e}"));
         let options = run("findmnt", &["-n", "-o", "OPTIONS", &mnt]);
         let options = String::from_utf8_lossy(&options.stdout).into_owned();
         assert!(
