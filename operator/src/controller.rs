@@ -208,25 +208,28 @@ impl Context {
         action: &str,
         note: String,
     ) {
-        let event = Event {
-            type_,
-            reason: reason.to_string(),
-            note: Some(note),
-            action: action.to_owned(),
-            secondary: None,
-        };
-        publish(&self.recorder, si, event).await;
+        publish(&self.recorder, si, event(type_, reason, action, note)).await;
     }
 
-    /// The recorder of the Warning Events about `object`'s failure `failure` (see
-    /// [`FailureSeries`]).
-    fn failure_recorder(&self, object: ObjectRef<SegmentIntegration>, failure: &str) -> Recorder {
-        self.failure_events
+    /// Publishes a Warning Event that `si` fails with `failure` (its note), in the Event series
+    /// of that failure (see [`FailureSeries`]): the same failure as the last one counts on its
+    /// Event, another one gets an Event of its own.
+    async fn publish_failure(
+        &self,
+        si: &SegmentIntegration,
+        reason: Reason,
+        action: &str,
+        failure: String,
+    ) {
+        let recorder = self
+            .failure_events
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .recorder(object, failure, || {
+            .recorder(ObjectRef::from_obj(si), &failure, || {
                 Recorder::new(self.client.clone(), self.reporter.clone())
-            })
+            });
+        let event = event(EventType::Warning, reason, action, failure);
+        publish(&recorder, si, event).await;
     }
 
     fn record_failure(&self, object: ObjectRef<SegmentIntegration>) -> u32 {
@@ -245,6 +248,16 @@ impl Context {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .forget(object);
+    }
+}
+
+fn event(type_: EventType, reason: Reason, action: &str, note: String) -> Event {
+    Event {
+        type_,
+        reason: reason.to_string(),
+        note: Some(note),
+        action: action.to_owned(),
+        secondary: None,
     }
 }
 
@@ -273,12 +286,15 @@ fn within_note_limit(mut note: String) -> String {
 
 /// Which failure each failing object's Warning Events are about, and the recorder `R` of their
 /// series. kube's [`Recorder`] makes every Event of the same type, reason, action and object one
-/// series: it creates the first and afterwards only counts the others on it, under the first
-/// one's note, as long as they come within six minutes of each other. With one recorder for all
-/// of them, an object that kept failing would show its first failure for ever, whatever it failed
-/// with since (a finalizer patch refused because the cached object was out of date, then the
-/// lasting Forbidden answer). So each failure of an object has a recorder of its own: the same
-/// failure again counts on its Event, a different one gets a new Event.
+/// series: it creates the first and afterwards only counts the others on it (`series.count`),
+/// under the first one's note, as long as they come within six minutes of each other (longer
+/// than the longest retry delay, [`backoff`]). With one recorder for all of them, an object that
+/// kept failing would show its first failure for ever, whatever it failed with since (a
+/// finalizer patch refused because the cached object was out of date, then the lasting
+/// Forbidden answer). So each failure of an object has a recorder of its own: the same failure
+/// again counts on its Event, a different one gets a new Event. Hence a failure's note holds
+/// nothing that changes between retries (not the retry delay, which is logged). An object's
+/// entry goes when it reconciles or is gone.
 #[derive(Debug)]
 struct FailureSeries<R> {
     by_object: HashMap<ObjectRef<SegmentIntegration>, (String, R)>,
@@ -435,13 +451,23 @@ pub async fn run_gated(
         .trigger_backoff(WatchBackoff::default())
         .with_config(runtime::Config::default().concurrency(context.config.concurrency))
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, context)
-        .for_each(|result| async move {
-            match result {
-                Ok((object, _action)) => tracing::debug!(%object, "reconciled"),
-                // error_policy has logged it, with the retry delay.
-                Err(runtime::Error::ReconcilerFailed(..)) => {}
-                Err(error) => tracing::warn!(%error, "controller error"),
+        .run(reconcile, error_policy, context.clone())
+        .for_each(|result| {
+            let context = context.clone();
+            async move {
+                match result {
+                    Ok((object, _action)) => tracing::debug!(%object, "reconciled"),
+                    // error_policy has logged it, with the retry delay.
+                    Err(runtime::Error::ReconcilerFailed(..)) => {}
+                    // A failed object's retry came after it was deleted: forget its failures.
+                    Err(runtime::Error::ObjectNotFound(gone)) => {
+                        tracing::debug!(object = %gone, "gone before its retry");
+                        let mut object = ObjectRef::<SegmentIntegration>::new(&gone.name);
+                        object.namespace = gone.namespace;
+                        context.record_success(&object);
+                    }
+                    Err(error) => tracing::warn!(%error, "controller error"),
+                }
             }
         })
         .await;
@@ -456,7 +482,8 @@ pub async fn reconcile(si: Arc<SegmentIntegration>, ctx: Arc<Context>) -> Result
         let object = ObjectRef::from_obj(&*si);
         let started = std::time::Instant::now();
         let Some(si) = with_current_finalizers(&api, si).await? else {
-            // Gone: nothing to do (a new object of the same name comes with its own event).
+            // Gone, or replaced by a new object of the same name, whose own watch event
+            // reconciles it.
             ctx.record_success(&object);
             return Ok(Action::await_change());
         };
@@ -476,18 +503,22 @@ pub async fn reconcile(si: Arc<SegmentIntegration>, ctx: Arc<Context>) -> Result
     .await
 }
 
-/// `si` as the API server has it now when the cached copy lacks the finalizer, or `None` when it
-/// is gone. The cache can be older than the finalizer this operator has just added: another
-/// trigger of the object (its destination Secret's event, say) runs the next reconcile as soon
-/// as the one that added it returns, and the watch event of that patch may not have been read
-/// yet, all the more while the watches back off after an error. `finalizer` would then add it
-/// again, and the API server refuse the patch (its test that the object has no finalizer fails,
-/// 422), a failure, and a Warning Event, about nothing.
+/// `si` as the API server has it now when the cached copy is about to have its finalizer added
+/// or removed (it lacks the finalizer, or is being deleted), or `None` when the object is gone or
+/// is another object of the same name (another uid). The cache can be older than the operator's
+/// own last patch: another trigger of the object (its destination Secret's event, say) runs the
+/// next reconcile as soon as the one that patched it returns, and the watch event of that patch
+/// may not have been read yet, all the more while the watches back off after an error.
+/// `finalizer` would then add the finalizer again (or clean up again and remove it again), and
+/// the API server refuse the patch (its test of the finalizer list fails, 422): a failure, and a
+/// Warning Event, about nothing. One GET per new object and per reconcile of a deleted one.
 async fn with_current_finalizers(
     api: &Api<SegmentIntegration>,
     si: Arc<SegmentIntegration>,
 ) -> Result<Option<Arc<SegmentIntegration>>, Error> {
-    if si.finalizers().iter().any(|f| f == FINALIZER) {
+    let settled =
+        si.finalizers().iter().any(|f| f == FINALIZER) && si.meta().deletion_timestamp.is_none();
+    if settled {
         return Ok(Some(si));
     }
     Ok(api
@@ -515,15 +546,10 @@ pub fn error_policy(si: Arc<SegmentIntegration>, error: &Error, ctx: Arc<Context
     );
     if !error.reported() {
         let failure = format!("{category}: {error}");
-        let recorder = ctx.failure_recorder(ObjectRef::from_obj(&*si), &failure);
-        let event = Event {
-            type_: EventType::Warning,
-            reason: Reason::ReconcileFailed.to_string(),
-            note: Some(format!("{failure}; retrying in {delay:?}")),
-            action: "Reconcile".to_owned(),
-            secondary: None,
-        };
-        tokio::spawn(async move { publish(&recorder, &si, event).await });
+        tokio::spawn(async move {
+            ctx.publish_failure(&si, Reason::ReconcileFailed, "Reconcile", failure)
+                .await;
+        });
     }
     Action::requeue(delay)
 }
@@ -847,16 +873,8 @@ async fn cleanup(si: &SegmentIntegration, ctx: &Context) -> Result<Action, Error
                          delete the resource and keep the schema",
                         failure.message
                     );
-                    // Its own series per failure, as the ReconcileFailed Events (error_policy).
-                    let recorder = ctx.failure_recorder(ObjectRef::from_obj(si), &note);
-                    let event = Event {
-                        type_: EventType::Warning,
-                        reason: Reason::DropSchemaFailed.to_string(),
-                        note: Some(note),
-                        action: "DropSchema".to_owned(),
-                        secondary: None,
-                    };
-                    publish(&recorder, si, event).await;
+                    ctx.publish_failure(si, Reason::DropSchemaFailed, "DropSchema", note)
+                        .await;
                     return Err(Error::Cleanup {
                         schema,
                         reason: failure.reason,
@@ -1034,6 +1052,9 @@ mod tests {
         assert_eq!(within_note_limit("short".to_owned()), "short");
         let exact = "x".repeat(NOTE_LIMIT);
         assert_eq!(within_note_limit(exact.clone()), exact);
+        let over = within_note_limit("x".repeat(NOTE_LIMIT + 1));
+        assert_eq!(over.len(), NOTE_LIMIT);
+        assert!(over.ends_with("x…"), "{over}");
         let long = within_note_limit(format!("kubernetes: {}", "é".repeat(NOTE_LIMIT)));
         assert!(long.len() <= NOTE_LIMIT, "{}", long.len());
         assert!(

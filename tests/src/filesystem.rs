@@ -176,7 +176,9 @@ impl Ext4 {
     /// takes it for committed). The file then loses, after `e2fsck`, writes a program was told
     /// were on disk; SQLite's commits with them, acknowledged with no way to know. Frozen
     /// first, the filesystem has everything written before the error on disk (the freeze
-    /// writes it back and flushes the journal), and every write after it fails.
+    /// writes it back and flushes the journal), and every write after it fails. So this fault
+    /// cannot show a writer that skips `fsync` (a freeze writes its data anyway): the ingest's
+    /// unit tests check SQLite's `synchronous = FULL` instead.
     pub fn fail(&self) {
         let mnt = self.path().display().to_string();
         let source = run("findmnt", &["-n", "-o", "SOURCE", &mnt]);
@@ -187,7 +189,8 @@ impl Ext4 {
             format!("/sys/fs/ext4/{name}/trigger_fs_error"),
             "sluice fault test",
         );
-        // Thawed whatever happened: a frozen filesystem holds its writers until it is.
+        // Thawed whatever happened: a frozen filesystem holds its writers until it is (and
+        // `Drop` tries again should this fail).
         must("fsfreeze", &["--unfreeze", &mnt]);
         triggered.unwrap_or_else(|e| panic!("cannot trigger an error on {device}: {e}"));
         let options = run("findmnt", &["-n", "-o", "OPTIONS", &mnt]);
@@ -217,6 +220,12 @@ impl Ext4 {
 impl Drop for Ext4 {
     fn drop(&mut self) {
         if self.mounted {
+            // Thawed first, in case a panic came between `fail`'s freeze and thaw: a frozen
+            // filesystem would hold its writers (the ingest's) for good.
+            let _ = Command::new("fsfreeze")
+                .arg("--unfreeze")
+                .arg(self.path())
+                .output();
             let _ = Command::new("umount").arg("-l").arg(self.path()).status();
         }
     }

@@ -234,6 +234,41 @@ mod tests {
         assert_eq!(path_of("postgres://x"), None);
     }
 
+    /// The durability an acknowledgement promises, on every connection (the settings are per
+    /// connection): a commit returns only after `fsync` (`synchronous = FULL`, 2), through the
+    /// write-ahead log. The fault tests cannot show a missing `fsync` (see `Ext4::fail` in the
+    /// tests crate), so it is checked here.
+    #[tokio::test]
+    async fn every_connection_commits_through_fsync() {
+        let dir = std::env::temp_dir().join(format!("sluice-durable-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("segment.db");
+        let pool = pool(
+            path.to_str().expect("UTF-8 path"),
+            "segment",
+            2,
+            Timeouts::default(),
+        )
+        .expect("pool");
+        let mut first = pool.acquire().await.expect("a connection");
+        let mut second = pool.acquire().await.expect("another connection");
+        for conn in [&mut first, &mut second] {
+            let (synchronous,): (i64,) = sqlx::query_as(r#"PRAGMA "segment".synchronous"#)
+                .fetch_one(&mut **conn)
+                .await
+                .expect("synchronous");
+            assert_eq!(synchronous, 2, "synchronous = FULL");
+            let (journal,): (String,) = sqlx::query_as(r#"PRAGMA "segment".journal_mode"#)
+                .fetch_one(&mut **conn)
+                .await
+                .expect("journal_mode");
+            assert_eq!(journal, "wal");
+        }
+        drop((first, second));
+        pool.close().await;
+        std::fs::remove_dir_all(&dir).expect("remove the temp dir");
+    }
+
     #[test]
     fn result_codes_map_to_reactions() {
         assert_eq!(classify("5"), Failure::Unavailable);
