@@ -251,6 +251,8 @@ impl Context {
     }
 }
 
+/// An Event of `type_` and `reason` for `action`, with `note`, about the object it is published
+/// for.
 fn event(type_: EventType, reason: Reason, action: &str, note: String) -> Event {
     Event {
         type_,

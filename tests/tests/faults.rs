@@ -427,9 +427,9 @@ async fn sqlite_on_a_full_filesystem_answers_503_then_resumes_uncorrupted() {
 /// SQLite's file on an ext4 disk that turns read-only under load, as the kernel makes a disk
 /// that reported an error (with commits under way, whose writes the filesystem holds frozen
 /// while the error is raised: see [`Ext4::fail`] for why): 503 naming the I/O error while it
-/// lasts. Once the disk has been checked (`e2fsck`)
-/// and mounted again and the ingest restarted, as an administrator would, loading resumes,
-/// nothing acknowledged is lost and the file passes `PRAGMA integrity_check`.
+/// lasts. Once the disk has been checked (`e2fsck`) and mounted again and the ingest restarted,
+/// as an administrator would, loading resumes, nothing acknowledged is lost and the file passes
+/// `PRAGMA integrity_check`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_on_a_disk_turned_read_only_answers_503_and_loses_nothing() {
     let mut disk = Ext4::mount(64);
